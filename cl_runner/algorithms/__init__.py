@@ -1,0 +1,53 @@
+"""Algorithm schemas: each algorithm's keys, defaults, paper and supported scenarios.
+
+These are backend-independent; implementations register under the same name per backend
+(``cl_runner/backends/<backend>/algorithms/<name>.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from cl_runner.config.schema import SCENARIOS, AlgoConfig
+from cl_runner.registry import ALGORITHMS, PLUGINS
+
+
+def register_algo(name: str, *, paper: str, scenarios=SCENARIOS, plugin: bool = False, summary: str = ""):
+    """Register an algorithm's config dataclass (and, with ``plugin``, make it composable)."""
+
+    def deco(cls):
+        ALGORITHMS.register(name, paper=paper, scenarios=tuple(scenarios), summary=summary)(cls)
+        if plugin:
+            PLUGINS.register(name, paper=paper, summary=summary)(cls)
+        return cls
+
+    return deco
+
+
+@register_algo("naive", paper="fine-tuning baseline", summary="train on each task in turn")
+@dataclass
+class NaiveConfig(AlgoConfig):
+    name: str = "naive"
+
+
+@register_algo("joint", paper="multitask upper bound",
+               summary="train on the union of the tasks seen so far (or all, once)")
+@dataclass
+class JointConfig(AlgoConfig):
+    name: str = "joint"
+    # cumulative: at task t train on tasks 0..t; final: train once on all tasks at the end.
+    mode: str = "cumulative"
+
+
+@register_algo("ewc", paper="Kirkpatrick et al. 2017, PNAS", plugin=True,
+               summary="Fisher-weighted quadratic penalty per past task")
+@dataclass
+class EWCConfig(AlgoConfig):
+    name: str = "ewc"
+    ewc_lambda: float = 1.0
+    # Training samples of each task used to estimate its Fisher (null: all of them).
+    fisher_samples: Optional[int] = 1024
+    fisher_batch_size: int = 256
+    # empirical: gradients at the true labels; true: at labels sampled from the model.
+    fisher: str = "empirical"

@@ -1,0 +1,1 @@
+"""Backends: the same learners, written once per deep-learning library."""

@@ -1,0 +1,76 @@
+"""Elastic Weight Consolidation (Kirkpatrick et al. 2017, PNAS).
+
+After each task the diagonal Fisher information F of that task is estimated at the task's final
+parameters theta*_t, and training on later tasks adds (ewc_lambda / 2) * sum_t F_t (theta -
+theta*_t)^2: one penalty per past task, as in the paper.
+
+F is the mean over ``fisher_samples`` training samples of the squared per-sample gradient of the
+log-likelihood (computed exactly per sample, not from mini-batch gradients; see persample.py), with
+the true label (``fisher: empirical``) or a label drawn from the model (``fisher: true``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cl_runner.backends.torch.learner import TorchLearner
+from cl_runner.backends.torch.persample import per_sample_grad_sum
+from cl_runner.backends.torch.regularization import ImportanceRegularizer
+from cl_runner.registry import ALGORITHMS, PLUGINS
+
+
+def fisher_diagonal(learner: TorchLearner, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None,
+                    batch_size: int, kind: str = "empirical",
+                    generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """Mean over samples of the squared per-sample gradient of log p(y | x), per parameter.
+
+    Computed with the model in eval mode (no dropout): the Fisher of the trained network.
+    """
+    model = learner.model
+    was_training = model.training
+    model.eval()
+    if kind == "true":
+        with torch.no_grad():
+            labels = []
+            for lo in range(0, len(x), batch_size):
+                tb = t[lo:lo + batch_size] if t is not None else None
+                probs = F.softmax(learner.masked(model(x[lo:lo + batch_size]), tb), dim=1)
+                labels.append(torch.multinomial(probs, 1, generator=generator).squeeze(1))
+            y = torch.cat(labels)
+
+    def nll(logits, idx):
+        return F.cross_entropy(learner.masked(logits, t[idx] if t is not None else None), y[idx],
+                               reduction="none")
+
+    sums = per_sample_grad_sum(model, nll, x, "square", batch_size)
+    model.train(was_training)
+    return [s / max(len(x), 1) for s in sums]
+
+
+class EWCPart(ImportanceRegularizer):
+    accumulate_snapshots = True
+
+    @property
+    def strength(self) -> float:
+        return self.cfg.ewc_lambda / 2.0
+
+    def importance(self, task):
+        learner = self.learner
+        n = len(learner.train_y)
+        k = n if self.cfg.fisher_samples is None else min(n, int(self.cfg.fisher_samples))
+        rng = np.random.default_rng([learner.seed, task.id, 17])
+        idx = torch.from_numpy(np.sort(rng.choice(n, size=k, replace=False))).to(learner.device)
+        t = learner.train_t[idx] if learner.train_t is not None else None
+        gen = torch.Generator(device=learner.device).manual_seed(learner.seed * 1000 + task.id)
+        return fisher_diagonal(learner, learner.train_x[idx], learner.train_y[idx], t,
+                                 int(self.cfg.fisher_batch_size), self.cfg.fisher, gen)
+
+
+@ALGORITHMS.register("ewc", backend="torch")
+class EWC(TorchLearner):
+    part_classes = (EWCPart,)
+
+
+PLUGINS.register("ewc", backend="torch")(EWCPart)

@@ -1,0 +1,56 @@
+"""Backbones for the PyTorch backend.
+
+Every backbone is ``features`` (input -> representation) followed by a linear ``head`` over all
+output units; task-IL restricts the head's outputs to the task's units (one head per task as
+slices of one layer).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from cl_runner.registry import BACKBONES
+
+
+class Backbone(nn.Module):
+    def __init__(self, features: nn.Module, feature_dim: int, num_outputs: int):
+        super().__init__()
+        self.features = features
+        self.head = nn.Linear(feature_dim, num_outputs)
+        self.feature_dim = feature_dim
+        self.num_outputs = num_outputs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+@BACKBONES.register("mlp", backend="torch")
+def mlp(cfg, input_shape, num_outputs: int) -> Backbone:
+    layers: list[nn.Module] = [nn.Flatten()]
+    width_in = int(math.prod(input_shape))
+    for _ in range(cfg.n_hidden_layers):
+        layers += [nn.Linear(width_in, cfg.width), nn.ReLU()]
+        if cfg.dropout > 0:
+            layers.append(nn.Dropout(cfg.dropout))
+        width_in = cfg.width
+    return Backbone(nn.Sequential(*layers), width_in, num_outputs)
+
+
+@BACKBONES.register("cnn", backend="torch")
+def cnn(cfg, input_shape, num_outputs: int) -> Backbone:
+    c, h, w = input_shape
+    layers: list[nn.Module] = []
+    for out in cfg.channels:
+        layers += [nn.Conv2d(c, out, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+        c, h, w = out, h // 2, w // 2
+    layers += [nn.Flatten(), nn.Linear(c * h * w, cfg.width), nn.ReLU()]
+    if cfg.dropout > 0:
+        layers.append(nn.Dropout(cfg.dropout))
+    return Backbone(nn.Sequential(*layers), cfg.width, num_outputs)
+
+
+def build_backbone(cfg, input_shape, num_outputs: int) -> Backbone:
+    return BACKBONES.get(cfg.type, backend="torch")(cfg, tuple(input_shape), num_outputs)

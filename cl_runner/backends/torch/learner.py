@@ -1,0 +1,275 @@
+"""The PyTorch learner: plain fine-tuning, and the extension points algorithms build on.
+
+Data lives on the device for the whole task as float tensors; an epoch is one permutation and a
+loop over contiguous slices of the permuted tensors (no DataLoader, no per-sample Python).
+
+Algorithm-specific behaviour comes from
+
+* subclass hooks (``on_before_task``, ``on_after_training``, ``train_arrays`` ...), and
+* :class:`Part` objects composed onto the learner (``parts``): a regulariser, a replay memory,
+  a distillation term. ``algo.plugins=[ewc]`` adds EWC's part to any learner.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cl_runner.backends.torch.backbones import build_backbone
+from cl_runner.backends.torch.optim import build_optimizer, set_lr, task_lr
+from cl_runner.core.learner import Learner
+from cl_runner.errors import TrainingDivergedError
+from cl_runner.registry import ALGORITHMS
+
+
+class Part:
+    """A composable piece of an algorithm. Override only the hooks you need."""
+
+    def __init__(self, learner: "TorchLearner", cfg):
+        self.learner = learner
+        self.cfg = cfg
+
+    def on_before_task(self, task) -> None: ...
+    def on_after_training(self, task) -> None: ...
+    def extra_loss(self, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor | None:
+        """A differentiable term added to the step's loss."""
+    def after_backward(self) -> None:
+        """Adjust ``p.grad`` of the model's parameters before the optimizer step."""
+    def after_step(self) -> None: ...
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def _overrides(obj, name: str) -> bool:
+    return getattr(type(obj), name) is not getattr(Part, name)
+
+
+class TorchLearner(Learner):
+    """Fine-tuning ("naive"): train each task in turn with the task loss only."""
+
+    backend = "torch"
+    #: Parts every instance of this algorithm has (on top of ``algo.plugins``).
+    part_classes: tuple[type[Part], ...] = ()
+
+    def __init__(self, cfg, stream, device: torch.device, seed: int):
+        super().__init__(cfg, stream)
+        self.device = device
+        self.seed = seed
+        self.model = build_backbone(cfg.backbone, stream.input_shape, self.num_outputs()).to(device)
+        self.optimizer = build_optimizer(self.model.parameters(), cfg.optimizer)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.batch_size = int(cfg.benchmark.batch_size)
+        self.eval_batch_size = int(cfg.benchmark.eval_batch_size)
+        self.grad_clip = cfg.optimizer.grad_clip_norm
+        self.check_finite = bool(cfg.training.check_finite)
+        self.progress_every = int(cfg.training.progress_every)
+        self._scale = 1.0 / 255.0
+        shape = (1, len(stream.mean), 1, 1)
+        normalize = bool(cfg.benchmark.normalize)
+        self._mean = torch.tensor(stream.mean if normalize else [0.0] * len(stream.mean)).view(shape).to(device)
+        self._std = torch.tensor(stream.std if normalize else [1.0] * len(stream.std)).view(shape).to(device)
+        # Task-IL: output_mask[t] marks task t's output units.
+        self.masks = stream.masks_logits
+        mask = torch.zeros(stream.num_tasks, self.num_outputs(), dtype=torch.bool)
+        for t in stream.tasks:
+            mask[t.id, torch.as_tensor(t.classes)] = True
+        self.output_mask = mask.to(device)
+        self._test_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.train_x = self.train_y = self.train_t = None
+        plugin_classes = [_plugin_class(name) for name in cfg.algo.plugins]
+        self.parts: list[Part] = [cls(self, cfg.algo) for cls in (*self.part_classes, *plugin_classes)]
+        self._loss_parts = [p for p in self.parts if _overrides(p, "extra_loss")]
+        self._grad_parts = [p for p in self.parts if _overrides(p, "after_backward")]
+        self._step_parts = [p for p in self.parts if _overrides(p, "after_step")]
+
+    # -- shapes and data ---------------------------------------------------------------------
+    def num_outputs(self) -> int:
+        n = self.cfg.backbone.num_classes
+        return int(n) if n else self.stream.num_outputs
+
+    def to_input(self, x: np.ndarray) -> torch.Tensor:
+        """uint8 images (N, C, H, W) -> normalised float32 tensor on the device."""
+        t = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+        return t.float().mul_(self._scale).sub_(self._mean).div_(self._std)
+
+    def train_arrays(self, task) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The (x, y, task id) arrays to train on for ``task``; joint training overrides this."""
+        return task.train_x, task.train_y, np.full(len(task.train_y), task.id, dtype=np.int64)
+
+    def test_tensors(self, task) -> tuple[torch.Tensor, torch.Tensor]:
+        if task.id not in self._test_cache:
+            self._test_cache[task.id] = (self.to_input(task.test_x),
+                                         torch.from_numpy(np.asarray(task.test_y)).to(self.device))
+        return self._test_cache[task.id]
+
+    # -- hooks -------------------------------------------------------------------------------
+    def on_before_task(self, task) -> None:
+        set_lr(self.optimizer, task_lr(self.cfg.optimizer, task.id))
+        x, y, tid = self.train_arrays(task)
+        self.train_x = self.to_input(x)
+        self.train_y = torch.from_numpy(np.asarray(y)).to(self.device)
+        self.train_t = torch.from_numpy(np.asarray(tid)).to(self.device) if self.masks else None
+        for p in self.parts:
+            p.on_before_task(task)
+
+    def on_after_training(self, task) -> None:
+        for p in self.parts:
+            p.on_after_training(task)
+
+    def on_after_task(self, task) -> None:
+        self.train_x = self.train_y = self.train_t = None
+
+    # -- the step ----------------------------------------------------------------------------
+    def masked(self, logits: torch.Tensor, task_ids: torch.Tensor | None) -> torch.Tensor:
+        """Task-IL: logits outside each sample's task set to -inf; otherwise unchanged."""
+        if task_ids is None:
+            return logits
+        return logits.masked_fill(~self.output_mask[task_ids], float("-inf"))
+
+    def criterion(self, logits: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
+        return F.cross_entropy(self.masked(logits, t), y)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
+        logits = self.model(x)
+        loss = self.criterion(logits, y, t)
+        for p in self._loss_parts:
+            extra = p.extra_loss(x, y, logits)
+            if extra is not None:
+                loss = loss + extra
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for p in self._grad_parts:
+            p.after_backward()
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.optimizer.step()
+        for p in self._step_parts:
+            p.after_step()
+        return loss.detach()
+
+    def train_epoch(self, task, epoch: int) -> dict:
+        self.model.train()
+        n, bs = len(self.train_y), self.batch_size
+        perm = torch.randperm(n, generator=self.generator).to(self.device)
+        xs, ys = self.train_x[perm], self.train_y[perm]
+        ts = self.train_t[perm] if self.train_t is not None else None
+        num_batches = math.ceil(n / bs)
+        losses = torch.zeros(num_batches, device=self.device)
+        loop = self.loop
+        step_cbs = loop.step_callbacks if loop is not None else []
+        start = last = time.perf_counter()
+        checked = 0
+        base_step = loop.state.global_step if loop is not None else 0
+        for b in range(num_batches):
+            lo = b * bs
+            hi = lo + bs
+            if step_cbs:
+                for cb in step_cbs:
+                    cb.on_before_step(loop, base_step + b)
+            loss = self.train_step(xs[lo:hi], ys[lo:hi], ts[lo:hi] if ts is not None else None)
+            losses[b] = loss
+            if step_cbs:
+                for cb in step_cbs:
+                    cb.on_after_step(loop, base_step + b, loss)
+            if (self.progress_every and (b + 1) % self.progress_every == 0) or \
+                    (not self.progress_every and (b & 63) == 63 and time.perf_counter() - last > 0.25):
+                last = time.perf_counter()
+                self._check_finite(losses, checked, b + 1, task, epoch, base_step)
+                window = losses[checked:b + 1]
+                checked = b + 1
+                if loop is not None:
+                    loop.progress(step=b + 1, steps=num_batches, loss=float(window.mean()),
+                                  steps_per_s=(b + 1) / (last - start))
+        self._check_finite(losses, checked, num_batches, task, epoch, base_step)
+        elapsed = time.perf_counter() - start
+        if loop is not None:
+            loop.state.global_step += num_batches
+            loop.progress(step=num_batches, steps=num_batches, loss=float(losses[checked:].mean())
+                          if checked < num_batches else float(losses[-1]),
+                          steps_per_s=num_batches / max(elapsed, 1e-9))
+        return {"steps": num_batches, "loss": float(losses.mean()), "time_s": elapsed,
+                "steps_per_s": num_batches / max(elapsed, 1e-9)}
+
+    def _check_finite(self, losses, lo: int, hi: int, task, epoch: int, base_step: int) -> None:
+        if not self.check_finite or hi <= lo:
+            return
+        window = losses[lo:hi]
+        bad = ~torch.isfinite(window)
+        if bool(bad.any()):
+            b = lo + int(bad.nonzero()[0, 0])
+            value = float(losses[b])
+            raise TrainingDivergedError(
+                f"the training loss became {value} at task {task.id} (of {self.stream.num_tasks}), "
+                f"epoch {epoch}, step {b} (global step {base_step + b}). Lower optimizer.lr "
+                f"(now {self.optimizer.param_groups[0]['lr']:g}), set optimizer.grad_clip_norm, "
+                f"or lower the algorithm's regularisation strength.")
+
+    # -- threads -----------------------------------------------------------------------------
+    train_threads: int | None = None
+    eval_threads: int | None = None
+
+    def set_threads(self, train: int, evaluate: int) -> None:
+        """CPU intra-op threads for training steps and for evaluation (see choose_threads)."""
+        self.train_threads, self.eval_threads = train, evaluate
+        torch.set_num_threads(train)
+
+    # -- evaluation --------------------------------------------------------------------------
+    @torch.inference_mode()
+    def predict(self, x: torch.Tensor, task_id: int | None) -> torch.Tensor:
+        logits = self.model(x)
+        if self.masks and task_id is not None:
+            logits = logits.masked_fill(~self.output_mask[task_id], float("-inf"))
+        return logits.argmax(dim=1)
+
+    @torch.inference_mode()
+    def evaluate(self, tasks) -> dict[int, float]:
+        was_training = self.model.training
+        self.model.eval()
+        if self.eval_threads:
+            torch.set_num_threads(self.eval_threads)
+        result = {}
+        for task in tasks:
+            x, y = self.test_tensors(task)
+            correct = torch.zeros((), dtype=torch.long, device=self.device)
+            for lo in range(0, len(y), self.eval_batch_size):
+                pred = self.predict(x[lo:lo + self.eval_batch_size], task.id)
+                correct += (pred == y[lo:lo + self.eval_batch_size]).sum()
+            result[task.id] = 100.0 * float(correct) / max(len(y), 1)
+        self.model.train(was_training)
+        if self.train_threads:
+            torch.set_num_threads(self.train_threads)
+        return result
+
+    # -- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "parts": [p.state_dict() for p in self.parts],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        for p, s in zip(self.parts, state["parts"]):
+            p.load_state_dict(s)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def _plugin_class(name: str) -> type[Part]:
+    from cl_runner.registry import PLUGINS
+
+    return PLUGINS.get(name, backend="torch")
+
+
+ALGORITHMS.register("naive", backend="torch")(TorchLearner)

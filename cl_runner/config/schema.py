@@ -1,0 +1,146 @@
+"""Typed schemas of every config section.
+
+The YAML files under ``conf/`` and experiment files (including SequeL-format ones) are checked
+against these dataclasses by :func:`cl_runner.config.validate.validate_config` before any data is
+loaded. Algorithm-specific keys live in dataclasses that subclass :class:`AlgoConfig` and are
+registered with the algorithm (``cl_runner/algorithms/``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+SCENARIOS = ("class_il", "task_il", "domain_il")
+
+
+@dataclass
+class BenchmarkConfig:
+    name: str = "rotatedmnist"
+    # class_il | task_il | domain_il; null takes the benchmark's usual scenario.
+    scenario: Optional[str] = None
+    # null takes the benchmark's default (20 for rotated/permuted, 5 for split MNIST).
+    num_tasks: Optional[int] = None
+    # Rotated: task t is rotated by t * per_task_rotation degrees (t from 0).
+    per_task_rotation: float = 9.0
+    # Rotated: draw each sample's angle uniformly inside its task's bin [t*step, (t+1)*step).
+    rotation_jitter: bool = False
+    # Rotated: nearest (as PIL / torchvision rotate by default) or bilinear.
+    interpolation: str = "nearest"
+    # Permuted: leave the first task's pixels in their original order.
+    first_task_unpermuted: bool = False
+    # Split: classes per task (null: 2 for the 10-class datasets).
+    classes_per_task: Optional[int] = None
+    # Split: null keeps 0..9; "seed" shuffles with the seed; or an explicit list of classes.
+    class_order: Optional[Any] = None
+    # Training samples per task drawn from the train split (null: all of them).
+    subset: Optional[int] = None
+    # Test samples per task (null: the whole test split).
+    test_subset: Optional[int] = None
+    batch_size: int = 10
+    eval_batch_size: int = 1000
+    # Standardise inputs with the dataset's mean and std (else scale to [0, 1]).
+    normalize: bool = True
+    # Zero-pad images to this side length (e.g. 32 for the Hsu et al. 2018 protocol).
+    pad_to: Optional[int] = None
+    # Cache built task tensors on disk, keyed by every parameter above.
+    cache: bool = True
+
+
+@dataclass
+class BackboneConfig:
+    type: str = "mlp"
+    n_hidden_layers: int = 2
+    width: int = 256
+    # Output units; null takes what the stream needs (10 for MNIST class/domain-IL).
+    num_classes: Optional[int] = None
+    dropout: float = 0.0
+    # cnn: output channels of each conv block.
+    channels: List[int] = field(default_factory=lambda: [32, 64])
+
+
+@dataclass
+class OptimizerConfig:
+    type: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    nesterov: bool = False
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    # The learning rate of task t is lr * lr_decay ** t (Stable SGD / SequeL convention).
+    lr_decay: float = 1.0
+    lr_min: float = 0.0
+    # Clip the global gradient norm to this value (null: no clipping).
+    grad_clip_norm: Optional[float] = None
+
+
+@dataclass
+class TrainingConfig:
+    epochs_per_task: int = 1
+    # Evaluate after each task on "all" tasks (full accuracy matrix) or only the "seen" ones.
+    eval_on: str = "all"
+    # Evaluate the untrained model once before the first task (needed for forward transfer).
+    eval_initial: bool = True
+    # Stop with an error when the loss becomes NaN or infinite.
+    check_finite: bool = True
+    # Steps between progress updates (0: about four times a second).
+    progress_every: int = 0
+
+
+@dataclass
+class BackendConfig:
+    name: str = "torch"
+    # torch: compile the train step with torch.compile.
+    compile: bool = False
+    # torch: ask for deterministic kernels (CPU runs are deterministic either way).
+    deterministic: bool = False
+
+
+@dataclass
+class AlgoConfig:
+    """Keys every algorithm has; each algorithm subclasses this with its own."""
+
+    name: str = "naive"
+    # Extra parts composed onto the algorithm, e.g. [ewc] for ER + EWC.
+    plugins: List[str] = field(default_factory=list)
+
+
+@dataclass
+class ExpectedConfig:
+    """A published number this run should reproduce."""
+
+    metric: str = "avg_acc"
+    value: Optional[float] = None
+    tolerance: float = 3.0
+    seeds: int = 1
+    source: Optional[str] = None
+    tier: str = "ci"
+    known_gap: Optional[str] = None
+    # SequeL-format files write ``expected: {avg_acc: 82.3}``; that is read as metric/value.
+    avg_acc: Optional[float] = None
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    data_dir: Optional[str] = None
+    cache_dir: Optional[str] = None
+    # auto | cpu | cuda | cuda:N
+    device: str = "auto"
+    # CPU threads for the math library: "auto" (chosen from the model size) or a number.
+    threads: Any = "auto"
+    results_file: str = "results.json"
+    # Print the rich progress display (null: only when writing to a terminal).
+    progress: Optional[bool] = None
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    expected: Optional[ExpectedConfig] = None
+    # SequeL-format keys: ``mode`` (pytorch | jax) selects the backend; the others are kept.
+    mode: Optional[str] = None
+    version: Optional[str] = None
+    source: Optional[str] = None
+    wandb: Optional[Any] = None

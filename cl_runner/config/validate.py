@@ -1,0 +1,203 @@
+"""Check a composed config against the schemas and turn it into a typed config.
+
+One function, :func:`validate_config`, is the only way a config reaches the rest of the program.
+It maps SequeL-format quirks onto clrun keys (with warnings), rejects unknown keys naming the
+nearest valid one, type-checks every value and checks every name against its registry, all
+before any data is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from cl_runner import catalog
+from cl_runner.config.schema import SCENARIOS, AlgoConfig, RunConfig
+from cl_runner.errors import ConfigError, closest
+from cl_runner.registry import ALGORITHMS, BACKBONES, BACKENDS, BENCHMARKS, OPTIMIZERS, PLUGINS
+
+# SequeL-format and legacy spellings -> clrun keys.
+KEY_ALIASES = {
+    "training.epoch_per_task": "training.epochs_per_task",
+    "benchmark.eval_batchsize": "benchmark.eval_batch_size",
+}
+MODE_TO_BACKEND = {"pytorch": "torch", "torch": "torch", "jax": "jax"}
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _nested_schema(cls, name: str):
+    """The dataclass type of field ``name`` of ``cls`` if it is a nested section, else None."""
+    f = _fields(cls)[name]
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+    if dataclasses.is_dataclass(default):
+        return type(default)
+    if name == "expected":
+        from cl_runner.config.schema import ExpectedConfig
+
+        return ExpectedConfig
+    return None
+
+
+def _check_keys(section: dict, cls, prefix: str) -> None:
+    valid = _fields(cls)
+    for key, value in section.items():
+        path = f"{prefix}{key}"
+        if key not in valid:
+            near = closest(str(key), valid)
+            hint = f" Did you mean '{prefix}{near}'?" if near else ""
+            where = f"'{prefix.rstrip('.')}'" if prefix else "the top level"
+            raise ConfigError(
+                f"unknown config key '{path}'.{hint} Valid keys in {where}: "
+                f"{', '.join(sorted(valid))}."
+            )
+        sub = _nested_schema(cls, key)
+        if sub is not None and isinstance(value, dict):
+            _check_keys(value, sub, path + ".")
+
+
+def _apply_aliases(raw: dict, warnings: list[str]) -> None:
+    for old, new in KEY_ALIASES.items():
+        sec, old_key = old.split(".")
+        _, new_key = new.split(".")
+        section = raw.get(sec)
+        if isinstance(section, dict) and old_key in section:
+            value = section.pop(old_key)
+            if new_key in section and section[new_key] != value:
+                raise ConfigError(f"both '{old}' and '{new}' are set, to different values; keep '{new}'.")
+            section[new_key] = value
+            warnings.append(f"'{old}' is read as '{new}'.")
+    mode = raw.get("mode")
+    if mode is not None:
+        if mode not in MODE_TO_BACKEND:
+            raise ConfigError(f"mode '{mode}' is not known; use mode: pytorch or mode: jax "
+                              f"(or backend=torch / backend=jax).")
+        backend = raw.setdefault("backend", {})
+        if not isinstance(backend, dict):
+            raise ConfigError("'backend' must be a section such as {name: torch}.")
+        chosen = MODE_TO_BACKEND[mode]
+        if "name" in backend and backend["name"] != chosen:
+            raise ConfigError(f"mode: {mode} and backend.name: {backend['name']} disagree; keep one.")
+        backend["name"] = chosen
+    expected = raw.get("expected")
+    if isinstance(expected, dict) and expected.get("avg_acc") is not None and expected.get("value") is None:
+        expected["metric"] = "avg_acc"
+        expected["value"] = expected["avg_acc"]
+    if isinstance(expected, dict) and "source" not in expected and isinstance(raw.get("source"), str):
+        expected["source"] = raw["source"]
+    if raw.get("wandb") is not None:
+        warnings.append("the 'wandb' block is kept in the config; W&B logging runs only when the "
+                        "wandb logger is selected.")
+
+
+def _type_error(ex: OmegaConfBaseException) -> ConfigError:
+    key = getattr(ex, "full_key", None) or "?"
+    msg = str(ex).splitlines()[0]
+    m = re.match(r"Value '(.*)' of type '(.*)' could not be converted to (\w+)", msg)
+    if m:
+        msg = f"'{m.group(1)}' is not a valid {m.group(3).lower()}"
+    return ConfigError(f"config key '{key}': {msg}.")
+
+
+def _check_values(cfg: Any) -> None:
+    def one_of(path: str, value: Any, choices) -> None:
+        if value not in choices:
+            near = closest(str(value), choices)
+            hint = f" Did you mean '{near}'?" if near else ""
+            raise ConfigError(f"config key '{path}': '{value}' is not one of {', '.join(choices)}.{hint}")
+
+    def positive(path: str, value: Any, allow_none: bool = False) -> None:
+        if value is None and allow_none:
+            return
+        if value is None or value <= 0:
+            raise ConfigError(f"config key '{path}' must be a positive number, got {value}.")
+
+    BENCHMARKS.entry(cfg.benchmark.name)
+    BACKBONES.entry(cfg.backbone.type)
+    OPTIMIZERS.entry(cfg.optimizer.type)
+    BACKENDS.entry(cfg.backend.name)
+    if cfg.benchmark.scenario is not None:
+        one_of("benchmark.scenario", cfg.benchmark.scenario, SCENARIOS)
+    one_of("benchmark.interpolation", cfg.benchmark.interpolation, ("nearest", "bilinear"))
+    one_of("training.eval_on", cfg.training.eval_on, ("all", "seen"))
+    positive("benchmark.num_tasks", cfg.benchmark.num_tasks, allow_none=True)
+    positive("benchmark.batch_size", cfg.benchmark.batch_size)
+    positive("benchmark.eval_batch_size", cfg.benchmark.eval_batch_size)
+    positive("benchmark.subset", cfg.benchmark.subset, allow_none=True)
+    positive("benchmark.test_subset", cfg.benchmark.test_subset, allow_none=True)
+    positive("training.epochs_per_task", cfg.training.epochs_per_task)
+    positive("optimizer.lr", cfg.optimizer.lr)
+    if not (0 <= cfg.backbone.dropout < 1):
+        raise ConfigError(f"config key 'backbone.dropout' must be in [0, 1), got {cfg.backbone.dropout}.")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(cfg.device)):
+        raise ConfigError(f"config key 'device': '{cfg.device}' is not one of auto, cpu, cuda, cuda:N.")
+    threads = cfg.threads
+    if not (threads == "auto" or (isinstance(threads, int) and not isinstance(threads, bool) and threads > 0)):
+        raise ConfigError(f"config key 'threads': '{threads}' is neither 'auto' nor a positive integer.")
+    for plugin in cfg.algo.plugins:
+        PLUGINS.entry(plugin)
+
+
+def compose_algo_schema(algo_cls, algo_name: str, plugins) -> type:
+    """The algorithm's schema extended with the keys of every plugin composed onto it."""
+    if not plugins:
+        return algo_cls
+    if isinstance(plugins, str) or not isinstance(plugins, (list, tuple)):
+        raise ConfigError(f"algo.plugins must be a list such as [ewc], got {plugins!r}.")
+    have = {f.name for f in dataclasses.fields(algo_cls)}
+    extra = []
+    for plugin in plugins:
+        if plugin == algo_name:
+            raise ConfigError(f"algo.plugins lists '{plugin}', which is already the algorithm itself.")
+        plugin_cls = PLUGINS.get(plugin)
+        hints = typing.get_type_hints(plugin_cls)
+        for f in dataclasses.fields(plugin_cls):
+            if f.name in have or f.name in ("name", "plugins"):
+                continue
+            default = (dataclasses.field(default_factory=f.default_factory)
+                       if f.default_factory is not dataclasses.MISSING else dataclasses.field(default=f.default))
+            extra.append((f.name, hints[f.name], default))
+            have.add(f.name)
+    return dataclasses.make_dataclass(f"{algo_cls.__name__}_with_{'_'.join(plugins)}", extra, bases=(algo_cls,))
+
+
+def validate_config(cfg: DictConfig | dict) -> tuple[DictConfig, list[str]]:
+    """Return the typed, validated config and the warnings to show the user."""
+    catalog.load()
+    warnings: list[str] = []
+    if isinstance(cfg, DictConfig):
+        try:
+            raw = OmegaConf.to_container(cfg, resolve=True)
+        except OmegaConfBaseException as ex:
+            raise ConfigError(f"config could not be resolved: {str(ex).splitlines()[0]}") from None
+    else:
+        raw = dict(cfg)
+    raw.pop("hydra", None)
+    _apply_aliases(raw, warnings)
+    _check_keys({k: v for k, v in raw.items() if k != "algo"}, RunConfig, "")
+
+    algo = raw.get("algo") or {}
+    if not isinstance(algo, dict):
+        raise ConfigError("'algo' must be a section with at least a 'name' key, e.g. algo: {name: ewc}.")
+    algo_name = algo.get("name", AlgoConfig.name)
+    algo_cls = compose_algo_schema(ALGORITHMS.get(algo_name), algo_name, algo.get("plugins") or [])
+    _check_keys(algo, algo_cls, "algo.")
+
+    schema = OmegaConf.structured(RunConfig)
+    with_algo = OmegaConf.structured(algo_cls)
+    OmegaConf.set_struct(schema, False)
+    schema.algo = with_algo
+    OmegaConf.set_struct(schema, True)
+    try:
+        typed = OmegaConf.merge(schema, raw)
+    except OmegaConfBaseException as ex:
+        raise _type_error(ex) from None
+    _check_values(typed)
+    return typed, warnings

@@ -1,0 +1,1 @@
+"""Reading datasets from disk (and downloading them on a connected machine)."""
