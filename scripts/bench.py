@@ -1,0 +1,183 @@
+#!/usr/bin/env python
+"""Time clrun's reference experiment against a minimal hand-written loop, in one run.
+
+Reference experiment: Rotated MNIST, 20 tasks, 9 degrees per task, full 60k/10k per task,
+MLP 2x256 dropout 0.2, SGD lr 0.01 momentum 0.8, batch 10, 1 epoch per task, full accuracy
+matrix after every task.
+
+Rows (PyTorch backend, CPU):
+  torch naive : clrun algo=naive           vs a hand-written eager loop doing the same steps
+                                              and evaluations on the same tensors
+  torch ewc   : clrun algo=ewc             vs the same hand-written loop plus a textbook EWC
+                                              (autograd penalty term, vmap per-sample Fisher)
+Data rows: building the 20 rotated tasks from the IDX files, and loading them from the cache.
+
+    python scripts/bench.py --data-dir ../shared/data            # full reference (~10 min)
+    python scripts/bench.py --data-dir ../shared/data --quick    # 3 tasks x 10k (< 1 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from cl_runner.benchmarks import build_stream  # noqa: E402
+from cl_runner.config import validate_config  # noqa: E402
+from cl_runner.experiment import choose_threads, run_experiment  # noqa: E402
+
+
+def reference_config(args, algo: str) -> dict:
+    bench = {"name": "rotatedmnist", "num_tasks": args.tasks, "per_task_rotation": 9,
+             "batch_size": 10, "eval_batch_size": 1000, "subset": args.subset}
+    return {
+        "seed": 0, "data_dir": args.data_dir, "cache_dir": args.cache_dir, "progress": False,
+        "benchmark": bench,
+        "backbone": {"type": "mlp", "n_hidden_layers": 2, "width": 256, "dropout": 0.2},
+        "optimizer": {"type": "sgd", "lr": 0.01, "momentum": 0.8},
+        "algo": {"name": algo},
+        "backend": {"name": "torch"},
+        "training": {"epochs_per_task": 1, "eval_initial": False},
+    }
+
+
+def time_clrun(args, algo: str) -> tuple[float, dict]:
+    out = tempfile.mkdtemp(prefix=f"bench-{algo}-")
+    from rich.console import Console
+
+    t0 = time.perf_counter()
+    results = run_experiment(reference_config(args, algo), out, console=Console(file=open(os.devnull, "w")))
+    elapsed = time.perf_counter() - t0
+    shutil.rmtree(out, ignore_errors=True)
+    return elapsed, results
+
+
+def hand_written(args, ewc: bool) -> tuple[float, float]:
+    """The minimal loop a person would write: same stream, model, optimizer, steps, evals."""
+    cfg, _ = validate_config(reference_config(args, "naive"))
+    train_threads, eval_threads = choose_threads("auto", cfg.backbone, 10)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    stream = build_stream(cfg.benchmark, 0, args.data_dir, args.cache_dir)
+    mean, std = stream.mean[0], stream.std[0]
+
+    def prep(x):
+        return (torch.from_numpy(np.ascontiguousarray(x)).float().div_(255).sub_(mean).div_(std))
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Dropout(0.2),
+                          nn.Linear(256, 256), nn.ReLU(), nn.Dropout(0.2), nn.Linear(256, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.8)
+    tests = [(prep(t.test_x), torch.from_numpy(np.asarray(t.test_y))) for t in stream.tasks]
+    fishers, anchors = [], []
+    gen = torch.Generator().manual_seed(0)
+    for task in stream.tasks:
+        torch.set_num_threads(train_threads)
+        x, y = prep(task.train_x), torch.from_numpy(np.asarray(task.train_y))
+        perm = torch.randperm(len(y), generator=gen)
+        x, y = x[perm], y[perm]
+        model.train()
+        for lo in range(0, len(y), 10):
+            loss = F.cross_entropy(model(x[lo:lo + 10]), y[lo:lo + 10])
+            if fishers:
+                pen = sum((f * (p - a) ** 2).sum() for fs, ans in zip(fishers, anchors)
+                          for f, p, a in zip(fs, model.parameters(), ans))
+                loss = loss + 0.5 * pen
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if ewc:
+            from torch.func import functional_call, grad, vmap
+
+            model.eval()
+            params = {n: p.detach() for n, p in model.named_parameters()}
+
+            def nll(p, xi, yi):
+                return F.cross_entropy(functional_call(model, p, (xi[None],)), yi[None])
+
+            g = vmap(grad(nll), in_dims=(None, 0, 0))
+            fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+            for lo in range(0, 1024, 256):
+                for n, v in g(params, x[lo:lo + 256], y[lo:lo + 256]).items():
+                    fisher[n] += v.pow(2).sum(0)
+            fishers.append([f / 1024 for f in fisher.values()])
+            anchors.append([p.detach().clone() for p in model.parameters()])
+        torch.set_num_threads(eval_threads)
+        model.eval()
+        with torch.inference_mode():
+            for tx, ty in tests:
+                correct = sum(int((model(tx[lo:lo + 1000]).argmax(1) == ty[lo:lo + 1000]).sum())
+                              for lo in range(0, len(ty), 1000))
+    elapsed = time.perf_counter() - t0
+    return elapsed, 100.0 * correct / len(ty)
+
+
+def time_data(args) -> tuple[float, float]:
+    cfg, _ = validate_config(reference_config(args, "naive"))
+    tmp = tempfile.mkdtemp(prefix="bench-cache-")
+    t0 = time.perf_counter()
+    build_stream(cfg.benchmark, 0, args.data_dir, tmp)
+    build = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    s = build_stream(cfg.benchmark, 0, args.data_dir, tmp)
+    for t in s.tasks:  # touch every byte, as a run does
+        float(np.asarray(t.train_x[-1]).sum() + np.asarray(t.test_x[-1]).sum())
+    load = time.perf_counter() - t0
+    shutil.rmtree(tmp, ignore_errors=True)
+    return build, load
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", default=os.environ.get("CLRUN_DATA_DIR", str(REPO.parent / "shared" / "data")))
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--quick", action="store_true", help="3 tasks x 10k samples")
+    ap.add_argument("--json", default=None, help="also write the table as JSON here")
+    args = ap.parse_args()
+    args.tasks, args.subset = (3, 10000) if args.quick else (20, None)
+    args.cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="bench-streams-")
+
+    build_s, load_s = time_data(args)
+    build_stream(validate_config(reference_config(args, "naive"))[0].benchmark, 0, args.data_dir, args.cache_dir)
+    rows = []
+    base_naive, _ = hand_written(args, ewc=False)
+    clrun_naive, res_naive = time_clrun(args, "naive")
+    rows.append(("torch naive", clrun_naive, base_naive, res_naive))
+    base_ewc, _ = hand_written(args, ewc=True)
+    clrun_ewc, res_ewc = time_clrun(args, "ewc")
+    rows.append(("torch ewc", clrun_ewc, base_ewc, res_ewc))
+
+    steps = res_naive["steps"]
+    print(f"\nreference: rotatedmnist {args.tasks} tasks x {args.subset or 60000} samples, "
+          f"{steps} steps, batch 10, MLP 2x256; {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores, torch {torch.__version__}")
+    print(f"{'case':<14} {'clrun s':>9} {'baseline s':>11} {'ratio':>7} {'steps/s':>9} {'avg acc':>8}")
+    table = []
+    for name, ours, base, res in rows:
+        print(f"{name:<14} {ours:>9.1f} {base:>11.1f} {ours / base:>7.2f} {res['steps_per_s']:>9.0f} "
+              f"{res['avg_acc']:>8.2f}")
+        table.append({"case": name, "clrun_s": ours, "baseline_s": base, "ratio": ours / base,
+                      "steps_per_s": res["steps_per_s"], "avg_acc": res["avg_acc"]})
+    print(f"{'data build':<14} {build_s:>9.1f}")
+    print(f"{'data cached':<14} {load_s:>9.1f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": table, "data_build_s": build_s,
+                                               "data_cached_s": load_s, "quick": args.quick}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
