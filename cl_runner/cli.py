@@ -49,7 +49,7 @@ def print_registry(pattern: str = "*") -> None:
             about = entry.meta.get("summary", "")
             if entry.meta.get("paper"):
                 about = f"{about} ({entry.meta['paper']})" if about else entry.meta["paper"]
-            table.add_row(name, ", ".join(entry.backends) or "-", about)
+            table.add_row(name, ", ".join(entry.backends) or "(any)", about)
         console.print(table)
 
 
@@ -63,6 +63,15 @@ def _set_path(raw: dict, dotted: str, value) -> None:
     node[parts[-1]] = value
 
 
+def _has_path(cfg, dotted: str) -> bool:
+    node = cfg
+    for part in dotted.split("."):
+        if not hasattr(node, "keys") or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
 def precheck(argv: list[str]) -> list[str]:
     """Compose and validate the command line as Hydra will; return argv, possibly with
     ``+`` added to overrides of known keys that the primary config lacks."""
@@ -70,7 +79,7 @@ def precheck(argv: list[str]) -> list[str]:
     from hydra._internal.utils import get_args_parser
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException
+    from hydra.errors import HydraException, MissingConfigException
     from omegaconf import OmegaConf
 
     from cl_runner.config import validate_config
@@ -86,56 +95,48 @@ def precheck(argv: list[str]) -> list[str]:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException:
         return argv  # Hydra reports syntax errors itself
-    argv = list(argv)
-    lines = [o.input_line for o in parsed]
-    sweeps = {i for i, o in enumerate(parsed) if o.is_sweep_override()}
+    groups = {p.name for d in {CONF_DIR, config_dir} for p in Path(d).iterdir() if p.is_dir()}
 
-    def first_value(i: int) -> str:
-        o = parsed[i]
-        if i not in sweeps:
-            return lines[i]
-        values = list(o.sweep_string_iterator()) if hasattr(o, "sweep_string_iterator") else []
-        prefix = o.get_key_element()
-        return f"{prefix}={values[0]}" if values else lines[i]
+    def is_value(o) -> bool:
+        key = o.key_or_group
+        return not (o.is_add() or o.is_force_add() or o.is_delete() or key.startswith("hydra")
+                    or key in groups or "/" in key)
 
-    def try_compose(active: list[str]):
+    def compose_with(active: list[str]):
         GlobalHydra.instance().clear()
         extra = [] if config_dir == CONF_DIR else [f"hydra.searchpath=[file://{CONF_DIR}]"]
         with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
             return compose(config_name=config_name, overrides=active + extra)
 
+    def first_line(o) -> str:
+        if not o.is_sweep_override():
+            return o.input_line
+        values = list(o.sweep_string_iterator())
+        return f"{o.get_key_element()}={values[0]}" if values else o.input_line
+
+    argv = list(argv)
     try:
-        for _ in range(len(lines) + 1):
-            active = [first_value(i) for i in range(len(lines))]
-            try:
-                cfg = try_compose(active)
-                break
-            except MissingConfigException as ex:
-                m = re.search(r"Could not find '(\w+)/([^']+)'", str(ex))
-                if m:
-                    _unknown_group_option(m.group(1), m.group(2))
-                return argv
-            except ConfigCompositionException as ex:
-                m = re.search(r"Could not override '([^']+)'", str(ex))
-                if not m:
-                    return argv
-                key = m.group(1)
-                idx = next((i for i, o in enumerate(parsed) if o.key_or_group == key and
-                            not lines[i].startswith("+")), None)
-                if idx is None:
-                    return argv
-                rest = [a for i, a in enumerate(active) if i != idx]
-                base = OmegaConf.to_container(try_compose(rest), resolve=False)
-                base.pop("hydra", None)
-                _set_path(base, key, parsed[idx].value())
-                validate_config(base)  # raises a ConfigError naming the nearest key if unknown
-                lines[idx] = "+" + lines[idx]  # a valid key the primary config lacks: add it
-                parsed[idx] = OverridesParser.create().parse_overrides([lines[idx]])[0]
-                argv[argv.index(overrides[idx])] = lines[idx]
-                overrides[idx] = lines[idx]
-        else:
+        base_lines = [first_line(o) for o in parsed if not is_value(o)]
+        try:
+            base = compose_with(base_lines)
+        except MissingConfigException as ex:
+            m = re.search(r"Could not find '(\w+)/([^']+)'", str(ex))
+            if m:
+                _unknown_group_option(m.group(1), m.group(2))
             return argv
-        validate_config(cfg)
+        for o in parsed:
+            if not is_value(o) or _has_path(base, o.key_or_group):
+                continue
+            trial = OmegaConf.to_container(base, resolve=False)
+            trial.pop("hydra", None)
+            value = o.value()
+            _set_path(trial, o.key_or_group, value if not o.is_sweep_override() else None)
+            validate_config(trial)  # an unknown key raises a ConfigError naming the nearest one
+            # A key clrun knows but the primary config (e.g. a SequeL file) does not set: add it.
+            argv[argv.index(o.input_line)] = "+" + o.input_line
+        final = OverridesParser.create().parse_overrides(
+            [a for a in argv if a in overrides or a.lstrip("+") in overrides])
+        validate_config(compose_with([first_line(o) for o in final]))
     except ConfigError as ex:
         _fail(str(ex))
     except HydraException:
