@@ -16,6 +16,7 @@ from cl_runner.callbacks.summary import print_summary
 from cl_runner.catalog import load_backend
 from cl_runner.config import validate_config
 from cl_runner.core.loop import ContinualLoop
+from cl_runner.registry import ALGORITHMS, BACKBONES, PLUGINS
 from cl_runner.utils.io import atomic_write_json, check_writable
 
 
@@ -45,10 +46,14 @@ def run_experiment(cfg: DictConfig | dict, output_dir: str | os.PathLike, consol
         err_console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
     out = check_writable(output_dir)
     backend = load_backend(typed.backend.name)
+    ALGORITHMS.get(typed.algo.name, backend=typed.backend.name)  # fail before loading any data
+    for plugin in typed.algo.plugins:
+        PLUGINS.get(plugin, backend=typed.backend.name)
+    BACKBONES.get(typed.backbone.type, backend=typed.backend.name)
     device = backend.resolve_device(typed.device)
     seed = int(typed.seed)
     train_threads, eval_threads = choose_threads(typed.threads, typed.backbone, typed.benchmark.batch_size)
-    backend.seed_everything(seed)
+    backend.seed_everything(seed, typed.backend.deterministic)
 
     t0 = time.perf_counter()
     stream = build_stream(typed.benchmark, seed, typed.data_dir, typed.cache_dir)

@@ -80,11 +80,13 @@ class Registry:
         if backend is None:
             raise ConfigError(f"{self.kind} '{name}' has only backend implementations: "
                               f"{', '.join(entry.backends)}")
-        have = ", ".join(entry.backends) or "none"
+        if not entry.backends:
+            raise ConfigError(f"{self.kind} '{name}' has a config schema but no implementation yet, "
+                              f"on any backend; choose another {self.kind} (see clrun --list).")
+        have = ", ".join(entry.backends)
         raise ConfigError(
-            f"{self.kind} '{name}' is not available on backend '{backend}' "
-            f"(implemented for: {have}). Choose backend={entry.backends[0] if entry.backends else '...'}"
-            f" or another {self.kind}."
+            f"{self.kind} '{name}' is not available on backend '{backend}' (implemented for: {have}). "
+            f"Choose backend={entry.backends[0]} or another {self.kind}."
         )
 
     def meta(self, name: str) -> dict[str, Any]:

@@ -51,3 +51,7 @@ class EWCConfig(AlgoConfig):
     fisher_batch_size: int = 256
     # empirical: gradients at the true labels; true: at labels sampled from the model.
     fisher: str = "empirical"
+
+
+# Algorithms whose schemas live in their own modules (imported last: they use register_algo).
+from cl_runner.algorithms import meta_learning, mode_connectivity  # noqa: E402,F401

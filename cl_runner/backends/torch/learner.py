@@ -62,6 +62,10 @@ class TorchLearner(Learner):
         self.device = device
         self.seed = seed
         self.model = build_backbone(cfg.backbone, stream.input_shape, self.num_outputs()).to(device)
+        # The training step's forward (and so backward) may be compiled; evaluation and the
+        # algorithms' own passes (importances, distillation targets) use the eager module,
+        # which shares the parameters.
+        self.train_forward = torch.compile(self.model) if cfg.backend.compile else self.model
         self.optimizer = build_optimizer(self.model.parameters(), cfg.optimizer)
         self.generator = torch.Generator().manual_seed(seed)
         self.batch_size = int(cfg.benchmark.batch_size)
@@ -136,7 +140,7 @@ class TorchLearner(Learner):
         return F.cross_entropy(self.masked(logits, t), y)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
-        logits = self.model(x)
+        logits = self.train_forward(x)
         loss = self.criterion(logits, y, t)
         for p in self._loss_parts:
             extra = p.extra_loss(x, y, logits)
