@@ -99,7 +99,10 @@ class TorchLearner(Learner):
 
     def to_input(self, x: np.ndarray) -> torch.Tensor:
         """uint8 images (N, C, H, W) -> normalised float32 tensor on the device."""
-        t = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+        x = np.ascontiguousarray(x)
+        if not x.flags.writeable:  # memory-mapped from the stream cache
+            x = x.copy()
+        t = torch.from_numpy(x).to(self.device)
         return t.float().mul_(self._scale).sub_(self._mean).div_(self._std)
 
     def train_arrays(self, task) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -109,7 +112,7 @@ class TorchLearner(Learner):
     def test_tensors(self, task) -> tuple[torch.Tensor, torch.Tensor]:
         if task.id not in self._test_cache:
             self._test_cache[task.id] = (self.to_input(task.test_x),
-                                         torch.from_numpy(np.asarray(task.test_y)).to(self.device))
+                                         torch.from_numpy(np.array(task.test_y)).to(self.device))
         return self._test_cache[task.id]
 
     # -- hooks -------------------------------------------------------------------------------
@@ -117,8 +120,8 @@ class TorchLearner(Learner):
         set_lr(self.optimizer, task_lr(self.cfg.optimizer, task.id))
         x, y, tid = self.train_arrays(task)
         self.train_x = self.to_input(x)
-        self.train_y = torch.from_numpy(np.asarray(y)).to(self.device)
-        self.train_t = torch.from_numpy(np.asarray(tid)).to(self.device) if self.masks else None
+        self.train_y = torch.from_numpy(np.array(y)).to(self.device)
+        self.train_t = torch.from_numpy(np.array(tid)).to(self.device) if self.masks else None
         for p in self.parts:
             p.on_before_task(task)
 
