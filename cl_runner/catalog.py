@@ -26,6 +26,7 @@ def load() -> None:
     _loaded = True
     importlib.import_module("cl_runner.benchmarks")
     importlib.import_module("cl_runner.algorithms")
+    importlib.import_module("cl_runner.callbacks.loggers")
     for name, summary in {
         "mlp": "fully connected net: n_hidden_layers x width, ReLU, optional dropout",
         "cnn": "small conv net: conv-relu-maxpool blocks (channels) then a width-unit hidden layer",

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from cl_runner import metrics, versions
+from cl_runner import checkpoint, metrics, versions
 from cl_runner.benchmarks import build_stream
+from cl_runner.callbacks.loggers import _gpu_peak_mb, build_loggers, peak_rss_mb
 from cl_runner.callbacks.progress import RichProgress
 from cl_runner.callbacks.summary import print_summary
 from cl_runner.catalog import load_backend
 from cl_runner.config import validate_config
+from cl_runner.core.callbacks import Callback
 from cl_runner.core.loop import ContinualLoop
 from cl_runner.registry import ALGORITHMS, BACKBONES, PLUGINS
 from cl_runner.utils.io import atomic_write_json, check_writable
@@ -63,15 +68,30 @@ def run_experiment(cfg: DictConfig | dict, output_dir: str | os.PathLike, consol
     learner = backend.build_learner(typed, stream, device, seed)
     if device.type == "cpu" and hasattr(learner, "set_threads"):
         learner.set_threads(train_threads, eval_threads)
-    show_live = typed.progress
-    cbs = [RichProgress(err_console, live=show_live), *(callbacks or [])]
+    config = OmegaConf.to_container(typed, resolve=True)
+    loggers = build_loggers([n for n in typed.loggers if n != "console"], out, typed)
+    cbs = [RichProgress(err_console, live=typed.progress)] if "console" in typed.loggers else []
+    cbs += [*loggers, *(callbacks or [])]
+    ckpt_path = Path(out) / checkpoint.FILENAME
+    if typed.checkpoint:
+        cbs.append(CheckpointCallback(ckpt_path, config))
     loop = ContinualLoop(learner, stream, cbs, epochs_per_task=typed.training.epochs_per_task,
                          eval_on=typed.training.eval_on, eval_initial=typed.training.eval_initial)
+    if typed.resume:
+        source = ckpt_path if typed.resume is True else _checkpoint_in(typed.resume)
+        checkpoint.restore(checkpoint.load(source), learner, loop.state, config, source)
+        err_console.print(f"resuming after task {loop.state.completed_tasks} of {stream.num_tasks} "
+                          f"from {source}", highlight=False)
     try:
-        state = loop.run()
-    except BaseException:
+        with _sigterm_as_interrupt():
+            state = loop.run()
+    except BaseException as ex:
         for cb in cbs:
             cb.on_interrupt(loop)
+        if isinstance(ex, KeyboardInterrupt) and typed.checkpoint and loop.state.completed_tasks:
+            err_console.print(f"interrupted during task {loop.state.completed_tasks + 1}; the checkpoint "
+                              f"after task {loop.state.completed_tasks} is in {out}. Continue with: "
+                              f"clrun <same overrides> resume={out}", highlight=False)
         raise
 
     summary = metrics.summarize(state.acc_matrix, state.initial_acc)
@@ -90,6 +110,10 @@ def run_experiment(cfg: DictConfig | dict, output_dir: str | os.PathLike, consol
         "steps": total_steps,
         "steps_per_s": total_steps / train_time if train_time > 0 else 0.0,
         "num_parameters": learner.num_parameters(),
+        "model_size_mb": learner.num_parameters() * 4 / 2**20,
+        "peak_rss_mb": peak_rss_mb(),
+        "gpu_peak_mem_mb": _gpu_peak_mb(),
+        "resumed": bool(typed.resume),
         "device": str(device),
         "threads": {"train": train_threads, "eval": eval_threads} if device.type == "cpu" else None,
         "seed": seed,
@@ -97,17 +121,54 @@ def run_experiment(cfg: DictConfig | dict, output_dir: str | os.PathLike, consol
         "benchmark": typed.benchmark.name,
         "scenario": stream.scenario,
         "backend": typed.backend.name,
-        "config": OmegaConf.to_container(typed, resolve=True),
+        "config": config,
         "versions": {**versions.collect(), **backend.versions()},
     }
     results["expected"] = check_expected(typed, results)
     path = Path(out) / typed.results_file
     atomic_write_json(path, results)
+    for logger in loggers:
+        logger.log_final(results)
+        logger.close()
     print_summary(_jsonable(results), console)
     if results["expected"] is not None:
         print_expected(results["expected"], console)
     console.print(f"results: {path}", highlight=False)
     return results
+
+
+class CheckpointCallback(Callback):
+    """Writes the checkpoint after every task (atomically)."""
+
+    def __init__(self, path: Path, config: dict):
+        self.path = path
+        self.config = config
+
+    def on_after_task(self, loop, task) -> None:
+        checkpoint.save(self.path, loop.learner, loop.state, self.config)
+
+
+def _checkpoint_in(resume) -> Path:
+    p = Path(str(resume)).expanduser()
+    return p if p.suffix == ".pt" else p / checkpoint.FILENAME
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (a scheduler stopping the job) ends the run like Ctrl-C: the last complete
+    task's checkpoint stays, loggers are closed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _jsonable(results: dict) -> dict:

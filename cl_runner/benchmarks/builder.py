@@ -22,7 +22,7 @@ from cl_runner.benchmarks.stream import Stream, Task
 from cl_runner.data.datasets import ImageDataset, default_cache_dir, load_image_dataset
 from cl_runner.registry import BENCHMARKS
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: nearest rotation computed in fixed point, as PIL does
 
 
 @dataclass

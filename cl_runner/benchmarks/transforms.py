@@ -2,7 +2,41 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+
+
+def _fixed_point_source_pixels(angles_deg: np.ndarray, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """Integer source pixel (x, y) of every output pixel for a nearest-neighbour rotation.
+
+    Computed the way PIL's ``Image.rotate`` does it for images of up to 32767 pixels a side: the
+    inverse affine matrix is formed in double precision (angle taken modulo 360, coefficients
+    rounded to 15 decimals) and then applied in 16.16 fixed point, so a source coordinate that
+    falls on a pixel boundary is resolved exactly as PIL resolves it. Returns two int64 arrays
+    of shape (len(angles), h*w); negative values lie outside the image.
+    """
+    cx, cy = w / 2.0, h / 2.0
+    coef = np.empty((len(angles_deg), 6), dtype=np.int64)
+
+    def fix(v: float) -> int:
+        return math.floor(v * 65536.0 + 0.5)
+
+    for k, angle in enumerate(np.asarray(angles_deg, dtype=np.float64).tolist()):
+        # Python floats and the math module, as PIL computes the matrix.
+        phi = -math.radians(angle % 360.0)
+        a0, a1 = round(math.cos(phi), 15), round(math.sin(phi), 15)
+        a3, a4 = round(-math.sin(phi), 15), round(math.cos(phi), 15)
+        a2 = a0 * -cx + a1 * -cy + 0.0 + cx
+        a5 = a3 * -cx + a4 * -cy + 0.0 + cy
+        coef[k] = (fix(a0), fix(a1), fix(a2 + a0 * 0.5 + a1 * 0.5),
+                   fix(a3), fix(a4), fix(a5 + a3 * 0.5 + a4 * 0.5))
+    ys, xs = np.mgrid[0:h, 0:w]
+    xs, ys = xs.reshape(1, -1).astype(np.int64), ys.reshape(1, -1).astype(np.int64)
+    c = [coef[:, i:i + 1] for i in range(6)]
+    ix = (c[2] + xs * c[0] + ys * c[1]) >> 16
+    iy = (c[5] + xs * c[3] + ys * c[4]) >> 16
+    return ix, iy
 
 
 def _source_coords(angles_deg: np.ndarray, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
@@ -46,7 +80,6 @@ def rotate(images: np.ndarray, angles_deg, interpolation: str = "nearest", chunk
 
 def _rotate_block(flat: np.ndarray, angles: np.ndarray, h: int, w: int, interpolation: str) -> np.ndarray:
     """Rotate (n, C, h*w) by ``angles`` of length 1 (shared) or n (one per image)."""
-    sx, sy = _source_coords(angles, h, w)  # (A, hw)
     padded = np.concatenate([flat, np.zeros(flat.shape[:2] + (1,), flat.dtype)], axis=2)
     zero = h * w  # index of the padding pixel
 
@@ -58,12 +91,10 @@ def _rotate_block(flat: np.ndarray, angles: np.ndarray, h: int, w: int, interpol
         return np.take_along_axis(padded, idx[:, None, :], axis=2)
 
     if interpolation == "nearest":
-        # PIL's COORD(): truncation toward zero for non-negative values, -1 for negative ones.
-        ix = np.where(sx < 0, -1, sx.astype(np.int64))
-        iy = np.where(sy < 0, -1, sy.astype(np.int64))
-        return gather(ix, iy)
+        return gather(*_fixed_point_source_pixels(angles, h, w))
     if interpolation != "bilinear":
         raise ValueError(f"unknown interpolation '{interpolation}'")
+    sx, sy = _source_coords(angles, h, w)  # (A, hw)
     fx, fy = sx - 0.5, sy - 0.5
     x0, y0 = np.floor(fx).astype(np.int64), np.floor(fy).astype(np.int64)
     ax, ay = (fx - x0)[:, None, :], (fy - y0)[:, None, :]

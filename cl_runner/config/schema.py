@@ -132,6 +132,13 @@ class RunConfig:
     results_file: str = "results.json"
     # Print the rich progress display (null: only when writing to a terminal).
     progress: Optional[bool] = None
+    # Loggers fed by the run's events: console, jsonl, csv, plots, tensorboard, wandb.
+    loggers: List[str] = field(default_factory=lambda: ["console", "jsonl", "csv", "plots"])
+    # Save a checkpoint after every task (and keep it on Ctrl-C / SIGTERM) so a run can resume.
+    checkpoint: bool = True
+    # Continue an interrupted run from its last complete task: true (the checkpoint in this
+    # run's own directory, e.g. with hydra.run.dir=<old dir>) or the path of the old run dir.
+    resume: Optional[Any] = None
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)

@@ -8,6 +8,7 @@ before any data is loaded.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import typing
@@ -19,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from cl_runner import catalog
 from cl_runner.config.schema import SCENARIOS, AlgoConfig, RunConfig
 from cl_runner.errors import ConfigError, closest
-from cl_runner.registry import ALGORITHMS, BACKBONES, BACKENDS, BENCHMARKS, OPTIMIZERS, PLUGINS
+from cl_runner.registry import ALGORITHMS, BACKBONES, BACKENDS, BENCHMARKS, CALLBACKS, OPTIMIZERS, PLUGINS
 
 # SequeL-format and legacy spellings -> clrun keys.
 KEY_ALIASES = {
@@ -59,6 +60,8 @@ def _check_keys(section: dict, cls, prefix: str) -> None:
                 f"{', '.join(sorted(valid))}."
             )
         sub = _nested_schema(cls, key)
+        if sub is not None and value is not None and not isinstance(value, dict):
+            raise ConfigError(f"config key '{path}' must be a section of keys, got {value!r}.")
         if sub is not None and isinstance(value, dict):
             _check_keys(value, sub, path + ".")
 
@@ -132,6 +135,7 @@ def _check_values(cfg: Any) -> None:
     positive("benchmark.eval_batch_size", cfg.benchmark.eval_batch_size)
     positive("benchmark.subset", cfg.benchmark.subset, allow_none=True)
     positive("benchmark.test_subset", cfg.benchmark.test_subset, allow_none=True)
+    positive("benchmark.classes_per_task", cfg.benchmark.classes_per_task, allow_none=True)
     positive("training.epochs_per_task", cfg.training.epochs_per_task)
     positive("optimizer.lr", cfg.optimizer.lr)
     if not (0 <= cfg.backbone.dropout < 1):
@@ -143,6 +147,8 @@ def _check_values(cfg: Any) -> None:
         raise ConfigError(f"config key 'threads': '{threads}' is neither 'auto' nor a positive integer.")
     for plugin in cfg.algo.plugins:
         PLUGINS.entry(plugin)
+    for logger in cfg.loggers:
+        CALLBACKS.entry(logger)
 
 
 def compose_algo_schema(algo_cls, algo_name: str, plugins) -> type:
@@ -178,7 +184,7 @@ def validate_config(cfg: DictConfig | dict) -> tuple[DictConfig, list[str]]:
         except OmegaConfBaseException as ex:
             raise ConfigError(f"config could not be resolved: {str(ex).splitlines()[0]}") from None
     else:
-        raw = dict(cfg)
+        raw = copy.deepcopy(dict(cfg))  # the aliases below edit sections in place
     raw.pop("hydra", None)
     _apply_aliases(raw, warnings)
     _check_keys({k: v for k, v in raw.items() if k != "algo"}, RunConfig, "")

@@ -1,0 +1,279 @@
+"""Loggers: callbacks that record the run's events to files and tracking services.
+
+Every logger sees the same events through :class:`MetricLogger`: ``log_train`` (training
+progress: loss and steps/s at a global step), ``log_epoch``, ``log_task`` (a finished task:
+its accuracy row, time, memory) and ``log_final`` (the results). Adding a logger is one small
+subclass registered under a name usable in ``loggers=[...]``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cl_runner.core.callbacks import Callback
+from cl_runner.errors import ConfigError
+from cl_runner.registry import CALLBACKS
+from cl_runner.utils.io import atomic_write_text, to_jsonable
+
+
+def peak_rss_mb() -> float:
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+class MetricLogger(Callback):
+    """Turns loop events into the four logger events."""
+
+    def __init__(self, run_dir: Path, cfg):
+        self.run_dir = Path(run_dir)
+        self.cfg = cfg
+
+    # -- events every logger receives ---------------------------------------------------------
+    def log_train(self, step: int, metrics: dict) -> None: ...
+    def log_epoch(self, task: int, epoch: int, metrics: dict) -> None: ...
+    def log_task(self, task: int, metrics: dict, acc_matrix: np.ndarray) -> None: ...
+    def log_final(self, results: dict) -> None: ...
+    def close(self) -> None: ...
+
+    # -- plumbing ----------------------------------------------------------------------------
+    def on_progress(self, loop, info: dict) -> None:
+        step = loop.state.global_step + info["step"] if info["step"] < info["steps"] else loop.state.global_step
+        self.log_train(step, {"loss": info["loss"], "steps_per_s": info["steps_per_s"],
+                              "task": info["task"], "epoch": info["epoch"]})
+
+    def on_after_epoch(self, loop, task, epoch, stats) -> None:
+        self.log_epoch(task.id, epoch, {k: v for k, v in stats.items() if isinstance(v, (int, float))})
+
+    def on_after_task(self, loop, task) -> None:
+        s = loop.state
+        row = s.acc_matrix[task.id]
+        seen = row[: task.id + 1]
+        metrics = {
+            "acc": row.tolist(),
+            "avg_acc_seen": float(np.nanmean(seen)),
+            "train_time_s": s.train_time_s[-1],
+            "eval_time_s": s.eval_time_s[-1],
+            "steps": s.steps_per_task[-1],
+            "steps_per_s": s.steps_per_task[-1] / max(s.train_time_s[-1], 1e-9),
+            "loss": s.epoch_losses[-1][-1] if s.epoch_losses[-1] else None,
+            "peak_rss_mb": peak_rss_mb(),
+        }
+        gpu = _gpu_peak_mb()
+        if gpu is not None:
+            metrics["gpu_peak_mem_mb"] = gpu
+        self.log_task(task.id, metrics, s.acc_matrix)
+
+    def on_after_fit(self, loop) -> None:
+        pass
+
+    def on_interrupt(self, loop) -> None:
+        self.close()
+
+
+def _gpu_peak_mb() -> float | None:
+    try:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            return torch.cuda.max_memory_allocated() / 2**20
+    except ImportError:  # pragma: no cover
+        pass
+    return None
+
+
+@CALLBACKS.register("console", summary="live progress and one line per task (always useful)")
+class ConsoleLogger(MetricLogger):
+    """The console output itself comes from RichProgress; this name selects it."""
+
+
+@CALLBACKS.register("jsonl", summary="events.jsonl: one JSON object per event, valid line by line")
+class JsonlLogger(MetricLogger):
+    def __init__(self, run_dir, cfg):
+        super().__init__(run_dir, cfg)
+        self.path = self.run_dir / "events.jsonl"
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+    def _write(self, event: str, payload: dict) -> None:
+        if self._fd is None:
+            return
+        line = json.dumps({"event": event, "time": time.time(), **to_jsonable(payload)}) + "\n"
+        os.write(self._fd, line.encode())  # one write per complete line: never a torn line
+
+    def log_train(self, step, metrics):
+        self._write("train", {"step": step, **metrics})
+
+    def log_epoch(self, task, epoch, metrics):
+        self._write("epoch", {"task": task, "epoch": epoch, **metrics})
+
+    def log_task(self, task, metrics, acc_matrix):
+        self._write("task", {"task": task, **metrics})
+
+    def log_final(self, results):
+        keys = ("avg_acc", "forgetting", "bwt", "fwt", "total_time_s", "steps_per_s", "peak_rss_mb",
+                "num_parameters", "model_size_mb")
+        self._write("final", {k: results.get(k) for k in keys})
+
+    def close(self):
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+@CALLBACKS.register("csv", summary="acc_matrix.csv, rewritten atomically after every task")
+class CsvLogger(MetricLogger):
+    def log_task(self, task, metrics, acc_matrix):
+        T = acc_matrix.shape[0]
+        lines = ["after_task," + ",".join(f"task_{j + 1}" for j in range(T))]
+        for i in range(task + 1):
+            lines.append(f"{i + 1}," + ",".join("" if np.isnan(v) else f"{v:.4f}" for v in acc_matrix[i]))
+        atomic_write_text(self.run_dir / "acc_matrix.csv", "\n".join(lines) + "\n")
+
+
+def accuracy_figures(acc_matrix: np.ndarray):
+    """(heatmap, lines) matplotlib figures of an accuracy matrix."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    R = np.asarray(acc_matrix, dtype=float)
+    T = R.shape[0]
+    heat, ax = plt.subplots(figsize=(1.2 + 0.45 * T, 1.0 + 0.4 * T), dpi=110)
+    im = ax.imshow(R, vmin=0, vmax=100, cmap="viridis")
+    ax.set_xlabel("evaluated on task")
+    ax.set_ylabel("after training task")
+    ax.set_xticks(range(T), [str(j + 1) for j in range(T)], fontsize=7)
+    ax.set_yticks(range(T), [str(i + 1) for i in range(T)], fontsize=7)
+    if T <= 12:
+        for i in range(T):
+            for j in range(T):
+                if not np.isnan(R[i, j]):
+                    ax.text(j, i, f"{R[i, j]:.0f}", ha="center", va="center", fontsize=7,
+                            color="white" if R[i, j] < 60 else "black")
+    heat.colorbar(im, ax=ax, label="accuracy %")
+    ax.set_title("accuracy matrix")
+    heat.tight_layout()
+
+    lines, ax2 = plt.subplots(figsize=(7, 4), dpi=110)
+    x = np.arange(1, T + 1)
+    for j in range(T):
+        ax2.plot(x[j:], R[j:, j], marker="o", markersize=3, linewidth=1, label=f"task {j + 1}")
+    ax2.plot(x, [np.nanmean(R[i, : i + 1]) for i in range(T)], color="black", linewidth=2.5,
+             label="mean over seen tasks")
+    ax2.set_xticks(x)
+    ax2.set_xlabel("after training task")
+    ax2.set_ylabel("test accuracy %")
+    ax2.set_ylim(0, 100)
+    ax2.set_title("accuracy of each task over time")
+    if T <= 10:
+        ax2.legend(fontsize=7, ncol=2)
+    lines.tight_layout()
+    return heat, lines
+
+
+@CALLBACKS.register("plots", summary="acc_matrix.png heatmap and acc_over_time.png lines (matplotlib)")
+class PlotLogger(MetricLogger):
+    def log_task(self, task, metrics, acc_matrix):
+        if task == acc_matrix.shape[0] - 1:
+            self._save(acc_matrix)
+
+    def _save(self, acc_matrix):
+        import io
+
+        import matplotlib.pyplot as plt
+
+        from cl_runner.utils.io import atomic_write_bytes
+
+        for fig, name in zip(accuracy_figures(acc_matrix), ("acc_matrix.png", "acc_over_time.png")):
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png")
+            plt.close(fig)
+            atomic_write_bytes(self.run_dir / name, buf.getvalue())
+
+
+@CALLBACKS.register("tensorboard", summary="TensorBoard scalars per step/task and the accuracy matrix image")
+class TensorBoardLogger(MetricLogger):
+    def __init__(self, run_dir, cfg):
+        super().__init__(run_dir, cfg)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError("the tensorboard logger needs the 'tensorboard' package: "
+                              "pip install tensorboard (or pip install -e '.[logging]').") from None
+        self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+
+    def log_train(self, step, metrics):
+        self.writer.add_scalar("train/loss", metrics["loss"], step)
+        self.writer.add_scalar("train/steps_per_s", metrics["steps_per_s"], step)
+
+    def log_epoch(self, task, epoch, metrics):
+        if "loss" in metrics:
+            self.writer.add_scalar(f"epoch/loss_task{task + 1}", metrics["loss"], epoch)
+
+    def log_task(self, task, metrics, acc_matrix):
+        step = task + 1
+        for j, acc in enumerate(metrics["acc"]):
+            if acc is not None and not np.isnan(acc):
+                self.writer.add_scalar(f"eval/acc_task{j + 1}", acc, step)
+        self.writer.add_scalar("eval/avg_acc_seen", metrics["avg_acc_seen"], step)
+        self.writer.add_scalar("time/train_s", metrics["train_time_s"], step)
+        self.writer.add_scalar("system/peak_rss_mb", metrics["peak_rss_mb"], step)
+        heat, lines = accuracy_figures(acc_matrix[: task + 1])
+        self.writer.add_figure("eval/acc_matrix", heat, step)
+        import matplotlib.pyplot as plt
+
+        plt.close(lines)
+        self.writer.flush()
+
+    def log_final(self, results):
+        for key in ("avg_acc", "forgetting", "bwt", "fwt"):
+            if results.get(key) is not None:
+                self.writer.add_scalar(f"final/{key}", results[key], 0)
+        self.writer.flush()
+
+    def close(self):
+        self.writer.close()
+
+
+@CALLBACKS.register("wandb", summary="Weights & Biases (entity/project from the wandb: block; offline without a key)")
+class WandbLogger(MetricLogger):
+    def __init__(self, run_dir, cfg):
+        super().__init__(run_dir, cfg)
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError("the wandb logger needs the 'wandb' package: pip install wandb") from None
+        from omegaconf import OmegaConf
+
+        block = OmegaConf.to_container(cfg.wandb, resolve=True) if cfg.wandb is not None else {}
+        mode = block.pop("mode", None) or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        self.run = wandb.init(entity=block.pop("entity", None), project=block.pop("project", "clrun"),
+                              dir=str(self.run_dir), mode=mode,
+                              config=OmegaConf.to_container(cfg, resolve=True), **block)
+
+    def log_train(self, step, metrics):
+        self.run.log({"train/loss": metrics["loss"], "train/steps_per_s": metrics["steps_per_s"]}, step=step)
+
+    def log_task(self, task, metrics, acc_matrix):
+        data = {f"eval/acc_task{j + 1}": a for j, a in enumerate(metrics["acc"]) if a is not None and not np.isnan(a)}
+        data["eval/avg_acc_seen"] = metrics["avg_acc_seen"]
+        self.run.log(data)
+
+    def log_final(self, results):
+        for key in ("avg_acc", "forgetting", "bwt", "fwt"):
+            self.run.summary[key] = results.get(key)
+
+    def close(self):
+        self.run.finish()
+
+
+def build_loggers(names, run_dir, cfg) -> list[MetricLogger]:
+    return [CALLBACKS.get(name)(run_dir, cfg) for name in names]
