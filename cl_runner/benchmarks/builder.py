@@ -19,7 +19,8 @@ from typing import Any, Callable
 import numpy as np
 
 from cl_runner.benchmarks.stream import Stream, Task
-from cl_runner.data.datasets import ImageDataset, default_cache_dir, load_image_dataset
+from cl_runner.data.datasets import (ImageDataset, default_cache_dir, default_data_dir, find_files,
+                                     load_image_dataset)
 from cl_runner.registry import BENCHMARKS
 
 CACHE_FORMAT = 2  # 2: nearest rotation computed in fixed point, as PIL does
@@ -57,12 +58,26 @@ def _uses_seed(recipe: Recipe, bcfg) -> bool:
                 or getattr(bcfg, "rotation_jitter", False) or bcfg.class_order == "seed")
 
 
-def cache_key(bcfg, seed: int) -> str:
+def source_fingerprint(dataset: str, data_dir) -> list | None:
+    """Path, size and modification time of each of the dataset's files (None: not found)."""
+    root = Path(data_dir).expanduser() if data_dir else default_data_dir()
+    files = find_files(root, dataset)
+    if files is None:
+        return None
+    out = []
+    for key in sorted(files):
+        st = files[key].stat()
+        out.append([str(files[key].resolve()), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def cache_key(bcfg, seed: int, source: list | None = None) -> str:
+    """The cache entry of a stream: its parameters and the data files it is built from."""
     recipe, num_tasks, scenario = resolve(bcfg)
     params = {k: _plain(getattr(bcfg, k)) for k in recipe.keys}
     params.update(name=bcfg.name, num_tasks=num_tasks, scenario=scenario, subset=bcfg.subset,
                   test_subset=bcfg.test_subset, pad_to=bcfg.pad_to, format=CACHE_FORMAT,
-                  seed=seed if _uses_seed(recipe, bcfg) else None)
+                  seed=seed if _uses_seed(recipe, bcfg) else None, source=source)
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
     return f"{bcfg.name}-{digest}"
 
@@ -83,13 +98,17 @@ def build_stream(bcfg, seed: int, data_dir=None, cache_dir=None, use_cache: bool
     recipe, num_tasks, scenario = resolve(bcfg)
     use_cache = bcfg.cache if use_cache is None else use_cache
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    path = root / "streams" / cache_key(bcfg, seed)
-    if use_cache and (path / "meta.json").is_file():
+    # Keyed by the data files too: another copy of the data (or a replaced file) is another stream.
+    source = source_fingerprint(recipe.dataset, data_dir)
+    path = root / "streams" / cache_key(bcfg, seed, source)
+    if use_cache and source is not None and (path / "meta.json").is_file():
         try:
             return load_cached(path)
         except (OSError, ValueError, KeyError):
             shutil.rmtree(path, ignore_errors=True)  # a damaged cache entry is rebuilt
     dataset = load_image_dataset(recipe.dataset, data_dir)
+    if source is None:  # the files were downloaded just now
+        path = root / "streams" / cache_key(bcfg, seed, source_fingerprint(recipe.dataset, data_dir))
     stream = recipe.build(bcfg, dataset, seed, num_tasks, scenario)
     if bcfg.pad_to:
         from cl_runner.benchmarks.transforms import pad
