@@ -41,8 +41,12 @@ def choose_threads(threads, backbone_cfg, batch_size: int, cpu_count: int | None
 
 
 def run_experiment(cfg: DictConfig | dict, output_dir: str | os.PathLike, console: Console | None = None,
-                   callbacks: list | None = None) -> dict:
-    """Run the experiment described by ``cfg``; write and return its results."""
+                   callbacks: list | None = None, cpu_count: int | None = None) -> dict:
+    """Run the experiment described by ``cfg``; write and return its results.
+
+    ``cpu_count`` is the number of cores this run may use (e.g. its share when parallel sweep
+    jobs run on one machine); None: every core. ``threads: auto`` chooses within it.
+    """
     console = console or Console()
     err_console = Console(stderr=True)
     t_start = time.perf_counter()
@@ -57,7 +61,8 @@ def run_experiment(cfg: DictConfig | dict, output_dir: str | os.PathLike, consol
     BACKBONES.get(typed.backbone.type, backend=typed.backend.name)
     device = backend.resolve_device(typed.device)
     seed = int(typed.seed)
-    train_threads, eval_threads = choose_threads(typed.threads, typed.backbone, typed.benchmark.batch_size)
+    train_threads, eval_threads = choose_threads(typed.threads, typed.backbone, typed.benchmark.batch_size,
+                                                 cpu_count=cpu_count)
     backend.seed_everything(seed, typed.backend.deterministic)
 
     t0 = time.perf_counter()

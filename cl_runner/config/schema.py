@@ -130,6 +130,9 @@ class RunConfig:
     # CPU threads for the math library: "auto" (chosen from the model size) or a number.
     threads: Any = "auto"
     results_file: str = "results.json"
+    # The metric a sweep optimises and ``clrun`` returns to Hydra's sweeper (avg_acc, forgetting,
+    # bwt, fwt, total_time_s, steps_per_s); Optuna maximises or minimises it as fits the metric.
+    objective: str = "avg_acc"
     # Print the rich progress display (null: only when writing to a terminal).
     progress: Optional[bool] = None
     # Loggers fed by the run's events: console, jsonl, csv, plots, tensorboard, wandb.
