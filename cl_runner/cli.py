@@ -313,6 +313,8 @@ def precheck(argv: list[str]) -> list[str]:
 
         if sweeps.is_optuna(sweeper):
             argv += _prepare_optuna(sweeper, objective, {o.key_or_group for o in parsed}, hydra_cfg)
+        if not args.multirun:
+            _check_run_dir(compose_with(base_lines, hydra_config=True))
     except ConfigError as ex:
         _fail(str(ex))
     except HydraException:
@@ -320,6 +322,33 @@ def precheck(argv: list[str]) -> list[str]:
     finally:
         GlobalHydra.instance().clear()
     return argv
+
+
+def _check_run_dir(hydra_cfg) -> None:
+    """Hydra creates hydra.run.dir before the task runs; check beforehand that it can, so the
+    error is clrun's message rather than a traceback."""
+    import os
+
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from cl_runner.errors import ConfigError
+
+    try:
+        run_dir = OmegaConf.select(hydra_cfg, "hydra.run.dir")
+    except OmegaConfBaseException:
+        return
+    if not run_dir:
+        return
+    target = Path(str(run_dir)).expanduser().absolute()
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK):
+        return
+    why = "is not a directory" if not existing.is_dir() else "is not writable"
+    raise ConfigError(f"the output directory {target} is not writable ({existing} {why}). "
+                      f"Choose another with hydra.run.dir=/some/writable/dir.")
 
 
 def _prepare_optuna(sweeper: dict, objective: str, command_line_keys: set[str], hydra_cfg) -> list[str]:

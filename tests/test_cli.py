@@ -195,13 +195,7 @@ def test_nan_loss(tmp_path, tiny_data_dir):
     assert not (tmp_path / "run" / "results.json").exists()
 
 
-# Hydra creates hydra.run.dir itself before clrun's task runs, so a directory that cannot be made
-# ends in Hydra's traceback and exit status 1; the command line has to check it beforehand.
-RUN_DIR_CHECKED_LATE = pytest.mark.xfail(
-    strict=True, reason="cli: hydra.run.dir is created by Hydra before clrun checks it (traceback, exit 1)")
-
-
-@RUN_DIR_CHECKED_LATE
+# Hydra creates hydra.run.dir itself before clrun's task runs; the command line checks it first.
 def test_output_dir_not_writable(tmp_path, tiny_data_dir):
     locked = tmp_path / "locked"
     locked.mkdir()
@@ -217,7 +211,6 @@ def test_output_dir_not_writable(tmp_path, tiny_data_dir):
         locked.chmod(0o755)
 
 
-@RUN_DIR_CHECKED_LATE
 def test_output_dir_under_a_file(tmp_path, tiny_data_dir):
     # The same failure in a form that root meets too: a path component is a regular file.
     blocker = tmp_path / "afile"
