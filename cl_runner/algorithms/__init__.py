@@ -54,4 +54,5 @@ class EWCConfig(AlgoConfig):
 
 
 # Algorithms whose schemas live in their own modules (imported last: they use register_algo).
-from cl_runner.algorithms import meta_learning, mode_connectivity  # noqa: E402,F401
+from cl_runner.algorithms import (distillation, meta_learning, mode_connectivity,  # noqa: E402,F401
+                                  regularization, replay)

@@ -151,6 +151,14 @@ def _check_values(cfg: Any) -> None:
         CALLBACKS.entry(logger)
 
 
+def _check_algo_values(algo, algo_name: str) -> None:
+    """The checks an algorithm's or plugin's schema defines itself (a ``check(algo)`` staticmethod)."""
+    for cls in (ALGORITHMS.get(algo_name), *(PLUGINS.get(p) for p in algo.plugins)):
+        check = getattr(cls, "check", None)
+        if check is not None:
+            check(algo)
+
+
 def compose_algo_schema(algo_cls, algo_name: str, plugins) -> type:
     """The algorithm's schema extended with the keys of every plugin composed onto it."""
     if not plugins:
@@ -206,4 +214,5 @@ def validate_config(cfg: DictConfig | dict) -> tuple[DictConfig, list[str]]:
     except OmegaConfBaseException as ex:
         raise _type_error(ex) from None
     _check_values(typed)
+    _check_algo_values(typed.algo, algo_name)
     return typed, warnings

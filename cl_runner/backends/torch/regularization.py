@@ -62,11 +62,10 @@ class ImportanceRegularizer(Part):
     def after_backward(self) -> None:
         if self.num_snapshots == 0:
             return
-        # grad += 2 * strength * (Omega * theta - Omega theta*)
-        g = torch._foreach_mul(self.omega, self.params)
-        torch._foreach_sub_(g, self.omega_anchor)
+        # grad += 2 * strength * (Omega * theta - Omega theta*), in two fused passes
         grads = [p.grad for p in self.params]
-        torch._foreach_add_(grads, g, alpha=2.0 * self.strength)
+        torch._foreach_addcmul_(grads, self.omega, self.params, value=2.0 * self.strength)
+        torch._foreach_add_(grads, self.omega_anchor, alpha=-2.0 * self.strength)
 
     @torch.no_grad()
     def penalty(self) -> float:

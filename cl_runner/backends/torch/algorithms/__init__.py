@@ -1,3 +1,4 @@
 """PyTorch implementations of the algorithms, one file each."""
 
-from cl_runner.backends.torch.algorithms import ewc, joint  # noqa: F401
+from cl_runner.backends.torch.algorithms import (  # noqa: F401
+    agem, der, derpp, er, ewc, ewc_online, joint, lwf, mas, si)

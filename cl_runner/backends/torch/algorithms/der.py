@@ -1,0 +1,77 @@
+"""Dark Experience Replay (Buzzega et al. 2020, "Dark Experience for General Continual
+Learning: a Strong, Simple Baseline", NeurIPS).
+
+A reservoir memory keeps stream samples with the logits the network gave them when they were
+seen (the step's forward pass, before its update). Every step adds, to the stream batch's loss,
+
+    alpha * mean over a memory batch of the squared distance || h(x') - z' ||^2
+
+between the current logits h(x') and the stored logits z'. The squared
+distance is averaged over the output units as well as the samples: alpha then weighs a mean
+squared error, the scale at which the paper's alpha values were chosen. DER++ (derpp.py) adds
+beta * cross-entropy on a second, independently drawn memory batch. The logits are
+stored raw (all output units); in task-IL DER++'s cross-entropy uses each sample's task units.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cl_runner.backends.torch.learner import Part, TorchLearner
+from cl_runner.backends.torch.memory import memory_for
+from cl_runner.registry import ALGORITHMS
+
+
+class DERPart(Part):
+    #: DER++: also a cross-entropy term, weighted by beta, on a second memory batch.
+    use_labels = False
+
+    def __init__(self, learner, cfg):
+        super().__init__(learner, cfg)
+        self.memory = memory_for(learner, cfg, store_logits=True)
+        self.replay_batch_size = int(cfg.replay_batch_size or learner.batch_size)
+        self.alpha = float(cfg.alpha)
+        self.beta = float(cfg.beta) if self.use_labels else 0.0
+        self.task_id = 0
+        self._pending = None
+
+    def on_before_task(self, task) -> None:
+        self.task_id = task.id
+        self.memory.register_classes(task.classes)
+
+    def extra_loss(self, x, y, logits):
+        self._pending = (x, y, logits.detach())
+        first = self.memory.sample(self.replay_batch_size)
+        if first is None:
+            return None
+        learner = self.learner
+        if self.beta:
+            second = self.memory.sample(self.replay_batch_size)
+            idx = torch.cat([first, second])
+        else:
+            idx = first
+        mx, my, mt, mz = self.memory.get(idx)
+        out = learner.train_forward(mx)  # one forward pass for both memory batches
+        k = first.numel()
+        loss = self.alpha * F.mse_loss(out[:k], mz[:k])
+        if self.beta:
+            masks = mt[k:] if learner.masks else None
+            loss = loss + self.beta * F.cross_entropy(learner.masked(out[k:], masks), my[k:])
+        return loss
+
+    def after_step(self) -> None:
+        x, y, z = self._pending
+        self._pending = None
+        self.memory.add(x, y, self.task_id, logits=z)
+
+    def state_dict(self):
+        return {"memory": self.memory.state_dict()}
+
+    def load_state_dict(self, state) -> None:
+        self.memory.load_state_dict(state["memory"])
+
+
+@ALGORITHMS.register("der", backend="torch")
+class DER(TorchLearner):
+    part_classes = (DERPart,)
