@@ -307,3 +307,13 @@ def test_conf_composition_with_overrides(hydra_conf):
     cfg = compose(config_name="config", overrides=["+benchmark.num_task=3"])
     with pytest.raises(ConfigError, match=r"Did you mean 'benchmark.num_tasks'\?"):
         validate_config(cfg)
+
+
+def test_algorithm_outside_its_scenarios_is_an_error():
+    from cl_runner.config import validate_config
+    from cl_runner.errors import ConfigError
+
+    # MC-SGD is defined for domain-IL and task-IL streams only.
+    with pytest.raises(ConfigError, match="not defined for the class_il scenario"):
+        validate_config({"algo": {"name": "mcsgd"}, "benchmark": {"name": "splitmnist"}})
+    validate_config({"algo": {"name": "mcsgd"}, "benchmark": {"name": "rotatedmnist"}})

@@ -159,6 +159,16 @@ def _check_algo_values(algo, algo_name: str) -> None:
             check(algo)
 
 
+def _check_scenario(cfg) -> None:
+    """An algorithm runs only in the scenarios its method defines."""
+    scenario = cfg.benchmark.scenario or BENCHMARKS.get(cfg.benchmark.name).default_scenario
+    supported = ALGORITHMS.meta(cfg.algo.name).get("scenarios") or SCENARIOS
+    if scenario not in supported:
+        raise ConfigError(f"algorithm '{cfg.algo.name}' is not defined for the {scenario} scenario "
+                          f"(it supports: {', '.join(supported)}); choose benchmark.scenario="
+                          f"{supported[0]} or another algorithm.")
+
+
 def compose_algo_schema(algo_cls, algo_name: str, plugins) -> type:
     """The algorithm's schema extended with the keys of every plugin composed onto it."""
     if not plugins:
@@ -215,4 +225,5 @@ def validate_config(cfg: DictConfig | dict) -> tuple[DictConfig, list[str]]:
         raise _type_error(ex) from None
     _check_values(typed)
     _check_algo_values(typed.algo, algo_name)
+    _check_scenario(typed)
     return typed, warnings
