@@ -1,0 +1,124 @@
+"""Elastic Weight Consolidation (Kirkpatrick et al. 2017, PNAS) on the JAX backend.
+
+After each task the diagonal Fisher information F of that task is estimated at the task's final
+parameters theta*_t, and training on later tasks adds (ewc_lambda / 2) * sum_t F_t (theta -
+theta*_t)^2: one penalty per past task, kept as sums (see regularization.py).
+
+F is the mean over ``fisher_samples`` training samples (the same samples as on the PyTorch
+backend: drawn with NumPy from (seed, task id)) of the squared per-sample gradient of the
+log-likelihood, computed exactly per sample with ``jax.vmap(jax.grad(...))``, with the true
+label (``fisher: empirical``) or a label drawn from the model (``fisher: true``).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cl_runner.backends.jax.learner import JaxLearner, cross_entropy, per_sample_compiler_options
+from cl_runner.backends.jax.regularization import ImportanceRegularizer
+from cl_runner.registry import ALGORITHMS, PLUGINS
+
+tmap = jax.tree_util.tree_map
+CPU_CHUNK = 16
+
+
+def _fisher_mean(learner: JaxLearner, batch_size: int, kind: str, params, x, y, t, mask_table, key):
+    """Mean over samples of the squared per-sample gradient of -log p(y | x) (traced).
+
+    Scans over batches of ``batch_size`` samples; a last partial batch is padded (with copies
+    of sample 0) and its padding gets weight 0, so the per-sample gradient is compiled once.
+    """
+    learner.trace_counts["fisher"] += 1
+
+    def sample_nll(p, xi, yi, ti):
+        logits = learner.model.apply({"params": p}, xi[None], train=False)
+        logits = learner.masked(logits, None if ti is None else ti[None], mask_table)
+        return cross_entropy(logits, yi[None])[0]
+
+    per_sample = jax.vmap(jax.grad(sample_nll), in_axes=(None, 0, 0, 0))
+
+    def batch_sum(totals, batch):
+        xb, yb, tb, wb, kb = batch
+        if kind == "true":
+            logits = learner.model.apply({"params": params}, xb, train=False)
+            logits = learner.masked(logits, tb, mask_table)
+            yb = jax.random.categorical(kb, logits, axis=-1).astype(yb.dtype)
+        grads = per_sample(params, xb, yb, tb)
+
+        def add(s, g):
+            w = wb.reshape((-1,) + (1,) * (g.ndim - 1))
+            return s + jnp.sum(g * g * w, axis=0)
+
+        return tmap(add, totals, grads), None
+
+    n = y.shape[0]
+    num_batches = -(-n // batch_size)
+    pad = num_batches * batch_size - n
+    index = jnp.concatenate([jnp.arange(n, dtype=jnp.int32), jnp.zeros(pad, jnp.int32)])
+    weights = jnp.concatenate([jnp.ones(n, jnp.float32), jnp.zeros(pad, jnp.float32)])
+
+    def batched(a):
+        if a is None:
+            return None
+        a = a[index] if pad else a
+        return a.reshape((num_batches, batch_size) + a.shape[1:])
+
+    xs = (batched(x), batched(y), batched(t), weights.reshape(num_batches, batch_size),
+          jax.random.split(key, num_batches))
+    totals, _ = jax.lax.scan(batch_sum, tmap(jnp.zeros_like, params), xs)
+    return tmap(lambda s: s / n, totals)
+
+
+def fisher_diagonal(learner: JaxLearner, params, x, y, t, batch_size: int, kind: str = "empirical",
+                    key=None):
+    """Mean over samples of the squared per-sample gradient of log p(y | x), per parameter.
+
+    ``x`` normalised inputs (N, C, H, W), ``y`` labels, ``t`` task ids (task-IL) or None.
+    Computed without dropout: the Fisher of the trained network. One compiled program per
+    learner, batch size, kind and input shape. On CPU the per-sample gradients are computed
+    ``CPU_CHUNK`` samples at a time whatever ``batch_size`` says (the (chunk, *parameter shape)
+    intermediates then stay in cache: ~7x faster than 256 at a time; the result is the same).
+    """
+    if key is None:
+        key = learner.put(jax.random.PRNGKey(0))
+    platform = learner.jax_device.platform
+    if platform == "cpu":
+        batch_size = min(batch_size, CPU_CHUNK)
+    if int(y.shape[0]) == 0:
+        return tmap(jnp.zeros_like, params)
+    cache = learner.__dict__.setdefault("_fisher_programs", {})
+    if (batch_size, kind) not in cache:
+        cache[(batch_size, kind)] = jax.jit(partial(_fisher_mean, learner, batch_size, kind),
+                                            compiler_options=per_sample_compiler_options(platform))
+    return cache[(batch_size, kind)](params, x, y, t, learner.mask_table, key)
+
+
+class EWCPart(ImportanceRegularizer):
+    accumulate_snapshots = True
+
+    @property
+    def strength(self) -> float:
+        return self.cfg.ewc_lambda / 2.0
+
+    def importance(self, task):
+        learner = self.learner
+        n = int(learner.train_y.shape[0])
+        k = n if self.cfg.fisher_samples is None else min(n, int(self.cfg.fisher_samples))
+        rng = np.random.default_rng([learner.seed, task.id, 17])
+        idx = learner.put(np.sort(rng.choice(n, size=k, replace=False)).astype(np.int32))
+        t = learner.train_t[idx] if learner.train_t is not None else None
+        key = learner.put(jax.random.PRNGKey(learner.seed * 1000 + task.id))
+        return fisher_diagonal(learner, learner.params, learner.train_x[idx], learner.train_y[idx], t,
+                               int(self.cfg.fisher_batch_size), self.cfg.fisher, key)
+
+
+@ALGORITHMS.register("ewc", backend="jax")
+class EWC(JaxLearner):
+    part_classes = (EWCPart,)
+
+
+PLUGINS.register("ewc", backend="jax")(EWCPart)

@@ -1,0 +1,196 @@
+"""Backbones for the JAX backend (flax linen), architecturally identical to the PyTorch ones.
+
+Every backbone is ``features`` (input -> representation) followed by a linear ``head`` over all
+output units; task-IL restricts the head's outputs to the task's units.
+
+Inputs arrive as (N, C, H, W) like on the PyTorch backend. Convolutions run in (N, H, W, C)
+internally (XLA's preferred layout on CPU) and the feature map is flattened in (C, H, W) order,
+so a flattened conv feature has the same meaning on both backends and weights can be copied
+across by transposing only.
+
+Parameters are drawn from the same distributions as PyTorch's defaults for ``nn.Linear`` and
+``nn.Conv2d``: weights from kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(fan_in),
+1/sqrt(fan_in)), and biases from U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (fan_in = in_features, or
+in_channels * kernel height * kernel width), so the two backends start from the same function
+class and the same scale. The learner draws these values with NumPy (:func:`init_params`), which
+needs no compilation; ``model.init`` draws them from a JAX key.
+
+Parameter tree: ``{"features": {"layers_0": {"kernel", "bias"}, "layers_1": ...}, "head": {...}}``
+with the layers in forward order (a conv kernel is (kh, kw, in, out), a dense one (in, out)).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cl_runner.registry import BACKBONES
+
+
+def torch_uniform(fan_in: int) -> Callable:
+    """Initialiser drawing U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PyTorch's default bound)."""
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, minval=-bound, maxval=bound)
+
+    return init
+
+
+class Dense(nn.Module):
+    """y = x W + b with PyTorch's default initialisation."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        fan_in = x.shape[-1]
+        kernel = self.param("kernel", torch_uniform(fan_in), (fan_in, self.features))
+        bias = self.param("bias", torch_uniform(fan_in), (self.features,))
+        return x @ kernel + bias
+
+
+class Conv(nn.Module):
+    """k x k stride-1 convolution with zero padding on NHWC, PyTorch's default initialisation.
+
+    ``impl="im2col"`` computes it as one matrix product over the k*k shifted copies of the
+    padded input; its gradients are matrix products, slices and pads too. On CPU this is what
+    runs fast inside the compiled epoch loop: XLA:CPU lowers the kernel-gradient convolution
+    inside a ``while`` loop to a slow generic loop (measured on the default CNN at batch 10:
+    ~10 steps/s with ``lax.conv`` in the scanned epoch, ~90 with im2col). ``impl="lax"`` uses
+    ``lax.conv_general_dilated`` (cuDNN on GPUs). Both give the same numbers up to rounding.
+    """
+
+    features: int
+    kernel_size: int = 3
+    padding: int = 1
+    impl: str = "im2col"
+
+    @nn.compact
+    def __call__(self, x):
+        cin = x.shape[-1]
+        k, pad = self.kernel_size, self.padding
+        fan_in = cin * k * k
+        kernel = self.param("kernel", torch_uniform(fan_in), (k, k, cin, self.features))
+        bias = self.param("bias", torch_uniform(fan_in), (self.features,))
+        if self.impl == "lax":
+            y = jax.lax.conv_general_dilated(x, kernel, window_strides=(1, 1), padding=[(pad, pad)] * 2,
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            return y + bias
+        xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+        h, w = xp.shape[1] - k + 1, xp.shape[2] - k + 1
+        cols = jnp.concatenate([xp[:, i:i + h, j:j + w, :] for i in range(k) for j in range(k)], axis=-1)
+        return cols @ kernel.reshape(k * k * cin, self.features) + bias
+
+
+def max_pool2(x):
+    """2x2 max pooling with stride 2 on NHWC, flooring odd sizes (as ``nn.MaxPool2d(2)``)."""
+    n, h, w, c = x.shape
+    x = x[:, : h // 2 * 2, : w // 2 * 2, :]
+    return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+class MLPFeatures(nn.Module):
+    n_hidden_layers: int
+    width: int
+    dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        h = x.reshape((x.shape[0], -1))
+        for i in range(self.n_hidden_layers):
+            h = nn.relu(Dense(self.width, name=f"layers_{i}")(h))
+            if self.dropout > 0:
+                h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        return h
+
+
+class CNNFeatures(nn.Module):
+    channels: Sequence[int]
+    width: int
+    dropout: float = 0.0
+    conv_impl: str = "im2col"
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        h = jnp.transpose(x, (0, 2, 3, 1))  # NCHW -> NHWC
+        for i, out in enumerate(self.channels):
+            h = max_pool2(nn.relu(Conv(out, impl=self.conv_impl, name=f"layers_{i}")(h)))
+        h = jnp.transpose(h, (0, 3, 1, 2)).reshape((h.shape[0], -1))  # flatten in (C, H, W) order
+        h = nn.relu(Dense(self.width, name=f"layers_{len(self.channels)}")(h))
+        if self.dropout > 0:
+            h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        return h
+
+
+class Backbone(nn.Module):
+    """``features`` then a linear ``head`` over all ``num_outputs`` units."""
+
+    features: nn.Module
+    feature_dim: int
+    num_outputs: int
+
+    def setup(self):
+        self.head = Dense(self.num_outputs)
+
+    def __call__(self, x, train: bool = False):
+        return self.head(self.embed(x, train))
+
+    def embed(self, x, train: bool = False):
+        return self.features(x, train)
+
+
+@BACKBONES.register("mlp", backend="jax")
+def mlp(cfg, input_shape, num_outputs: int, conv_impl: str = "lax") -> Backbone:
+    width_in = int(math.prod(input_shape))
+    feature_dim = cfg.width if cfg.n_hidden_layers > 0 else width_in
+    feats = MLPFeatures(int(cfg.n_hidden_layers), int(cfg.width), float(cfg.dropout))
+    return Backbone(feats, feature_dim, num_outputs)
+
+
+@BACKBONES.register("cnn", backend="jax")
+def cnn(cfg, input_shape, num_outputs: int, conv_impl: str = "lax") -> Backbone:
+    feats = CNNFeatures(tuple(int(c) for c in cfg.channels), int(cfg.width), float(cfg.dropout),
+                        conv_impl=conv_impl)
+    return Backbone(feats, int(cfg.width), num_outputs)
+
+
+def build_backbone(cfg, input_shape, num_outputs: int, conv_impl: str = "lax") -> Backbone:
+    """The backbone ``cfg.type``. ``conv_impl`` ("lax" or "im2col", see :class:`Conv`) only
+    changes how convolutions are computed: the parameter tree and the function are the same, so
+    modules built with either can share parameters."""
+    return BACKBONES.get(cfg.type, backend="jax")(cfg, tuple(input_shape), num_outputs, conv_impl=conv_impl)
+
+
+def init_params(model: Backbone, input_shape, seed: int):
+    """The model's parameters drawn with NumPy from ``seed``, from the same distributions as the
+    layers' own initialisers (U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for kernels and biases).
+
+    ``model.init`` would give the same distributions from a JAX key, but compiling the random
+    number generation for ~10^5-10^6 values takes seconds on a CPU; this takes milliseconds.
+    The parameter tree's structure comes from ``jax.eval_shape`` (tracing only).
+    """
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                            jax.ShapeDtypeStruct((1, *input_shape), jnp.float32))["params"]
+    rng = np.random.default_rng([seed, 5489])
+
+    def layer(node):
+        if "kernel" in node and not isinstance(node["kernel"], dict):
+            fan_in = int(math.prod(node["kernel"].shape[:-1]))
+            bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+            return {name: rng.uniform(-bound, bound, leaf.shape).astype(leaf.dtype)
+                    for name, leaf in node.items()}
+        return {name: layer(child) for name, child in node.items()}
+
+    return layer(shapes)
+
+
+def parameter_layers(params) -> list[tuple[str, ...]]:
+    """Paths of the parameterised layers in forward order: ("features", "layers_0"), ..., ("head",)."""
+    names = sorted(params.get("features", {}), key=lambda k: int(k.split("_")[1]))
+    return [("features", n) for n in names] + [("head",)]
