@@ -317,3 +317,14 @@ def test_algorithm_outside_its_scenarios_is_an_error():
     with pytest.raises(ConfigError, match="not defined for the class_il scenario"):
         validate_config({"algo": {"name": "mcsgd"}, "benchmark": {"name": "splitmnist"}})
     validate_config({"algo": {"name": "mcsgd"}, "benchmark": {"name": "rotatedmnist"}})
+
+
+@pytest.mark.parametrize("algo,msg", [({"name": "ewc", "fisher": "exact"}, "algo.fisher"),
+                                      ({"name": "ewc", "fisher_samples": 0}, "fisher_samples"),
+                                      ({"name": "joint", "mode": "finall"}, "algo.mode")])
+def test_algorithm_values_are_checked(algo, msg):
+    from cl_runner.config import validate_config
+    from cl_runner.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=msg):
+        validate_config({"algo": algo})

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from cl_runner.config.schema import SCENARIOS, AlgoConfig
+from cl_runner.errors import ConfigError
 from cl_runner.registry import ALGORITHMS, PLUGINS
 
 
@@ -39,6 +40,11 @@ class JointConfig(AlgoConfig):
     # cumulative: at task t train on tasks 0..t; final: train once on all tasks at the end.
     mode: str = "cumulative"
 
+    @staticmethod
+    def check(algo) -> None:
+        if algo.mode not in ("cumulative", "final"):
+            raise ConfigError(f"algo.mode: '{algo.mode}' is not one of cumulative, final.")
+
 
 @register_algo("ewc", paper="Kirkpatrick et al. 2017, PNAS", plugin=True,
                summary="Fisher-weighted quadratic penalty per past task")
@@ -51,6 +57,15 @@ class EWCConfig(AlgoConfig):
     fisher_batch_size: int = 256
     # empirical: gradients at the true labels; true: at labels sampled from the model.
     fisher: str = "empirical"
+
+    @staticmethod
+    def check(algo) -> None:
+        if algo.fisher not in ("empirical", "true"):
+            raise ConfigError(f"algo.fisher: '{algo.fisher}' is not one of empirical, true.")
+        if algo.fisher_samples is not None and algo.fisher_samples <= 0:
+            raise ConfigError(f"algo.fisher_samples must be positive (or null for all), got {algo.fisher_samples}.")
+        if algo.fisher_batch_size <= 0:
+            raise ConfigError(f"algo.fisher_batch_size must be positive, got {algo.fisher_batch_size}.")
 
 
 # Algorithms whose schemas live in their own modules (imported last: they use register_algo).
