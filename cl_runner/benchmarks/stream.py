@@ -56,3 +56,17 @@ class Stream:
         n = sum(t.num_train for t in self.tasks)
         return (f"{self.name} ({self.scenario}): {self.num_tasks} tasks, {n} training samples, "
                 f"{self.num_outputs} output units, input {self.input_shape}")
+
+
+def training_arrays(stream: Stream, task: Task, joint_mode: str | None = None):
+    """(x, y, task ids) to train on at ``task``: its own data, or for joint training the union
+    of tasks 0..t (``cumulative``), or of all tasks at the last one and nothing before (``final``)."""
+    if joint_mode is None:
+        return task.train_x, task.train_y, np.full(task.num_train, task.id, dtype=np.int64)
+    if joint_mode == "final" and task.id != stream.num_tasks - 1:
+        return task.train_x[:0], task.train_y[:0], np.zeros(0, dtype=np.int64)
+    seen = stream.tasks[: task.id + 1]
+    x = np.concatenate([np.asarray(t.train_x) for t in seen])
+    y = np.concatenate([np.asarray(t.train_y) for t in seen])
+    tid = np.concatenate([np.full(t.num_train, t.id, dtype=np.int64) for t in seen])
+    return x, y, tid
