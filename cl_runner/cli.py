@@ -182,22 +182,23 @@ def precheck(argv: list[str]) -> list[str]:
     except HydraException:
         return argv  # Hydra reports syntax errors itself
     groups = {p.name for d in {CONF_DIR, config_dir} for p in Path(d).iterdir() if p.is_dir()}
-    groups.add(sweeps.SWEEP_GROUP)
+    file_groups = (sweeps.SWEEP_GROUP, sweeps.EXPECTED_GROUP)
+    groups.update(file_groups)
 
-    # The sweep group is not in the defaults list: `sweep=name` means `+sweep=name`.
+    # The sweep and expected groups are not in the defaults list: `sweep=name` means `+sweep=name`.
     for o in parsed:
-        if o.key_or_group == sweeps.SWEEP_GROUP and not (o.is_add() or o.is_force_add() or o.is_delete()):
+        if o.key_or_group in file_groups and not (o.is_add() or o.is_force_add() or o.is_delete()):
             argv[argv.index(o.input_line)] = "+" + o.input_line
             overrides[overrides.index(o.input_line)] = "+" + o.input_line
     parsed = OverridesParser.create().parse_overrides(overrides)
     for o in parsed:
-        if o.key_or_group != sweeps.SWEEP_GROUP or o.is_delete():
+        if o.key_or_group not in file_groups or o.is_delete():
             continue
         names = _concrete_lines(o) or []
         for name in (line.split("=", 1)[1] for line in names):
-            if sweeps.broken_sweep_file(name):
-                _fail(sweeps.broken_sweep_file(name))
-        if not args.multirun:
+            if sweeps.broken_sweep_file(name, o.key_or_group):
+                _fail(sweeps.broken_sweep_file(name, o.key_or_group))
+        if o.key_or_group == sweeps.SWEEP_GROUP and not args.multirun:
             _fail(f"a sweep file runs several jobs: add -m, as in 'clrun -m {o.input_line}'.")
 
     def is_value(o) -> bool:
@@ -390,6 +391,12 @@ def _unknown_group_option(group: str, option: str) -> None:
         names = list(sweeps.sweep_files())
         _fail(f"unknown sweep '{option}'.{did_you_mean(option, names)} Ready sweeps (in "
               f"{sweeps.SWEEPS_DIR}): {', '.join(names) or '(none)'}.")
+    if group == sweeps.EXPECTED_GROUP:
+        from cl_runner.errors import did_you_mean
+
+        names = list(sweeps.expected_files())
+        _fail(f"unknown experiment file '{option}'.{did_you_mean(option, names)} Experiment files "
+              f"(in {sweeps.EXPECTED_DIR}): {', '.join(names) or '(none)'}.")
     catalog.load()
     registry = {"algo": ALGORITHMS, "benchmark": BENCHMARKS, "backbone": BACKBONES,
                 "optimizer": OPTIMIZERS, "backend": BACKENDS}.get(group)

@@ -25,6 +25,9 @@ from typing import Any, Mapping
 REPO_DIR = Path(__file__).resolve().parent.parent
 SWEEPS_DIR = REPO_DIR / "sweeps"
 SWEEP_GROUP = "sweep"
+# Experiment files that reproduce published numbers: options of the ``expected`` group.
+EXPECTED_DIR = REPO_DIR / "expected_results"
+EXPECTED_GROUP = "expected"
 
 # Metrics that can be the objective a sweep returns, and which way is better.
 OBJECTIVES = {
@@ -48,7 +51,7 @@ OPTUNA_MAX_FAILURE_RATE = 1.0
 # and the seed (most file systems refuse names over 255 bytes).
 MAX_DIRNAME_BYTES = 240
 
-_broken_sweep_files: dict[str, str] = {}
+_broken_sweep_files: dict[tuple[str, str], str] = {}
 
 
 # -- job directories ----------------------------------------------------------------------------
@@ -85,8 +88,10 @@ def sweep_files(directory: Path = SWEEPS_DIR) -> dict[str, Path]:
     return {p.stem: p for p in sorted(directory.glob("*.yaml"))}
 
 
-def register_sweep_files(directory: Path = SWEEPS_DIR) -> None:
-    """Store every sweep file as an option of the ``sweep`` config group (global package).
+def register_sweep_files(directory: Path = SWEEPS_DIR, expected_dir: Path = EXPECTED_DIR) -> None:
+    """Store every sweep file as an option of the ``sweep`` config group, and every experiment
+    file of ``expected_results/`` as an option of the ``expected`` group (both at the global
+    package: ``clrun +expected=der_seqmnist_der500`` applies the whole protocol).
 
     A file that does not parse is left out; :func:`broken_sweep_file` then gives its error.
     """
@@ -94,18 +99,25 @@ def register_sweep_files(directory: Path = SWEEPS_DIR) -> None:
     from omegaconf import OmegaConf
 
     store = ConfigStore.instance()
-    for name, path in sweep_files(directory).items():
-        try:
-            node = OmegaConf.load(path)
-        except Exception as ex:  # noqa: BLE001 - any YAML error is reported when the sweep is used
-            _broken_sweep_files[name] = f"sweep file {path} could not be read: {str(ex).splitlines()[0]}"
-            continue
-        store.store(group=SWEEP_GROUP, name=name, node=node, package="_global_",
-                    provider=f"clrun {directory.name}/")
+    for group, folder in ((SWEEP_GROUP, directory), (EXPECTED_GROUP, expected_dir)):
+        for name, path in sweep_files(folder).items():
+            try:
+                node = OmegaConf.load(path)
+            except Exception as ex:  # noqa: BLE001 - any YAML error is reported when the file is used
+                kind = "sweep file" if group == SWEEP_GROUP else "experiment file"
+                _broken_sweep_files[(group, name)] = f"{kind} {path} could not be read: {str(ex).splitlines()[0]}"
+                continue
+            store.store(group=group, name=name, node=node, package="_global_",
+                        provider=f"clrun {folder.name}/")
 
 
-def broken_sweep_file(name: str) -> str | None:
-    return _broken_sweep_files.get(name)
+def expected_files(directory: Path = EXPECTED_DIR) -> dict[str, Path]:
+    """Experiment files that reproduce published numbers, by name."""
+    return sweep_files(directory)
+
+
+def broken_sweep_file(name: str, group: str = SWEEP_GROUP) -> str | None:
+    return _broken_sweep_files.get((group, name))
 
 
 # -- Optuna ---------------------------------------------------------------------------------------

@@ -109,6 +109,13 @@ def _type_error(ex: OmegaConfBaseException) -> ConfigError:
     return ConfigError(f"config key '{key}': {msg}.")
 
 
+# Where a published-number check runs: ci (CPU, inside CI's budget), cpu (CPU, too long for CI),
+# gpu (needs a GPU).
+EXPECTED_TIERS = ("ci", "cpu", "gpu")
+# Metrics of results.json an experiment file can compare (percent, like the papers).
+EXPECTED_METRICS = ("avg_acc", "forgetting", "bwt", "fwt")
+
+
 def _check_values(cfg: Any) -> None:
     def one_of(path: str, value: Any, choices) -> None:
         if value not in choices:
@@ -145,6 +152,11 @@ def _check_values(cfg: Any) -> None:
     threads = cfg.threads
     if not (threads == "auto" or (isinstance(threads, int) and not isinstance(threads, bool) and threads > 0)):
         raise ConfigError(f"config key 'threads': '{threads}' is neither 'auto' nor a positive integer.")
+    if cfg.expected is not None:
+        one_of("expected.tier", cfg.expected.tier, EXPECTED_TIERS)
+        one_of("expected.metric", cfg.expected.metric, EXPECTED_METRICS)
+        positive("expected.tolerance", cfg.expected.tolerance)
+        positive("expected.seeds", cfg.expected.seeds)
     for plugin in cfg.algo.plugins:
         PLUGINS.entry(plugin)
     for logger in cfg.loggers:

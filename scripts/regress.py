@@ -1,0 +1,266 @@
+#!/usr/bin/env python
+"""Run the experiment files of ``expected_results/`` and compare them with the published numbers.
+
+Each file holds one published number (``expected.value``, ``tolerance``, ``seeds``, ``source``,
+``tier``). This script runs every selected file once per seed (seeds 0 .. seeds-1) with plain
+``clrun +expected=<name> seed=<s>``, several runs side by side, averages the metric over the
+seeds, writes a table to docs/RESULTS.md and exits with status 1 when a case falls outside its
+tolerance (a case marked ``known_gap`` is reported with its analysis but does not fail the run).
+
+    python scripts/regress.py --tier ci                  # the CI tier
+    python scripts/regress.py 'der_seqmnist_*' --jobs 2  # a glob of names
+    python scripts/regress.py --tier ci --max-seeds 3    # at most 3 seeds per case (said in the report)
+    python scripts/regress.py der_seqmnist_sgd -- device=cuda   # clrun overrides for every run
+
+The data directory comes from --data-dir, else $CLRUN_DATA_DIR, else clrun's default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import fnmatch
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+EXPECTED_DIR = REPO / "expected_results"
+TIERS = ("ci", "cpu", "gpu")
+
+
+@dataclass
+class Case:
+    name: str
+    path: Path
+    metric: str
+    value: float
+    tolerance: float
+    seeds: int
+    source: str
+    tier: str
+    known_gap: str | None
+    runs: list[dict] = field(default_factory=list)   # one per seed: seed, value, seconds, error
+    seeds_run: int = 0
+
+    @property
+    def measured(self) -> list[float]:
+        return [r["value"] for r in self.runs if r.get("value") is not None]
+
+    @property
+    def errors(self) -> list[str]:
+        return [f"seed {r['seed']}: {r['error']}" for r in self.runs if r.get("error")]
+
+    def mean_std(self) -> tuple[float | None, float | None]:
+        vals = self.measured
+        if not vals:
+            return None, None
+        mean = sum(vals) / len(vals)
+        std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+        return mean, std
+
+    @property
+    def status(self) -> str:
+        mean, _ = self.mean_std()
+        if self.errors or mean is None:
+            return "ERROR"
+        if abs(mean - self.value) <= self.tolerance:
+            return "PASS"
+        return "KNOWN GAP" if self.known_gap else "FAIL"
+
+
+def load_cases() -> list[Case]:
+    from omegaconf import OmegaConf
+
+    cases = []
+    for path in sorted(EXPECTED_DIR.glob("*.yaml")):
+        node = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        exp = node.get("expected") or {}
+        if exp.get("value") is None:
+            raise SystemExit(f"{path}: no expected.value; every experiment file states its published number.")
+        cases.append(Case(name=path.stem, path=path, metric=exp.get("metric", "avg_acc"),
+                          value=float(exp["value"]), tolerance=float(exp.get("tolerance", 3.0)),
+                          seeds=int(exp.get("seeds", 1)), source=str(exp.get("source", "")),
+                          tier=str(exp.get("tier", "ci")), known_gap=exp.get("known_gap")))
+    return cases
+
+
+def select(cases: list[Case], tier: str | None, patterns: list[str]) -> list[Case]:
+    chosen = [c for c in cases if tier in (None, "all") or c.tier == tier]
+    if patterns:
+        chosen = [c for c in chosen if any(fnmatch.fnmatch(c.name, p) for p in patterns)]
+    return chosen
+
+
+def run_one(case: Case, seed: int, workdir: Path, args, threads: int) -> dict:
+    out = workdir / case.name / f"seed_{seed}"
+    cmd = [sys.executable, "-m", "cl_runner.cli", f"+expected={case.name}", f"seed={seed}",
+           f"hydra.run.dir={out}", "progress=false", "loggers=[]", "checkpoint=false",
+           f"threads={threads}"]
+    if args.data_dir:
+        cmd.append(f"data_dir={args.data_dir}")
+    if args.backend:
+        cmd.append(f"backend={args.backend}")
+    cmd += args.override
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    seconds = time.perf_counter() - start
+    record = {"seed": seed, "seconds": seconds, "value": None, "error": None}
+    results = out / "results.json"
+    if proc.returncode != 0 or not results.exists():
+        lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines()
+                 if ln.strip() and "HYDRA_FULL_ERROR" not in ln and "hydra.cc/docs" not in ln]
+        record["error"] = f"exit {proc.returncode}: " + " | ".join(lines[-3:])
+        return record
+    data = json.loads(results.read_text())
+    record["value"] = data.get(case.metric)
+    record["steps_per_s"] = data.get("steps_per_s")
+    return record
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=REPO, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=REPO).stdout.strip()
+        return sha + ("+modified" if dirty else "")
+    except Exception:  # noqa: BLE001 - not a git checkout
+        return "unknown"
+
+
+def fmt(x: float | None, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def report(cases: list[Case], args, wall: float) -> str:
+    import torch
+
+    lines = ["# Published numbers, reproduced", "",
+             "Generated by `scripts/regress.py` "
+             f"(`{' '.join(['python scripts/regress.py'] + sys.argv[1:])}`). Each row runs the experiment "
+             "file `expected_results/<name>.yaml` with plain `clrun +expected=<name> seed=<s>` for "
+             "seeds 0 .. n-1 and averages the metric (percent).", "",
+             f"- commit `{git_commit()}`, {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
+             f"- machine: {platform.platform()}, {os.cpu_count()} CPU cores, "
+             f"{'GPU: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}; "
+             f"python {platform.python_version()}, torch {torch.__version__}",
+             f"- backend: {args.backend or 'as each file says (torch unless set)'}; "
+             f"{args.jobs} runs side by side; wall time {wall / 60:.1f} min", ""]
+    if args.max_seeds:
+        lines += [f"Runs were capped at {args.max_seeds} seeds per case (`--max-seeds`); the "
+                  "`seeds` column says how many of the published number's runs were averaged.", ""]
+    lines += ["| name | metric | published | measured mean +- std | delta | tolerance | seeds | status | minutes |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for c in cases:
+        mean, std = c.mean_std()
+        delta = None if mean is None else mean - c.value
+        minutes = sum(r["seconds"] for r in c.runs) / 60
+        measured = "-" if mean is None else f"{mean:.2f} +- {std:.2f}"
+        lines.append(f"| {c.name} | {c.metric} | {c.value:.2f} | {measured} | "
+                     f"{'-' if delta is None else f'{delta:+.2f}'} | {c.tolerance:.2f} | "
+                     f"{len(c.measured)}/{c.seeds} | {c.status} | {minutes:.1f} |")
+    lines += ["", "`minutes`: the sum of the runs' wall times (runs of several cases share the machine).", ""]
+    lines += ["## Sources", ""] + [f"- `{c.name}`: {c.source}" for c in cases]
+    gaps = [c for c in cases if c.known_gap]
+    if gaps:
+        lines += ["", "## Known gaps", ""]
+        lines += [f"- `{c.name}` ({c.status}): {c.known_gap.strip()}" for c in gaps]
+    errors = [c for c in cases if c.errors]
+    if errors:
+        lines += ["", "## Errors", ""]
+        for c in errors:
+            lines += [f"- `{c.name}`: {e}" for e in c.errors]
+    notes = REPO / "docs" / "RESULTS_NOTES.md"
+    if notes.exists():
+        lines += ["", notes.read_text().strip()]
+    return "\n".join(lines) + "\n"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("names", nargs="*", help="names or globs of experiment files (default: all of the tier)")
+    p.add_argument("--tier", choices=(*TIERS, "all"), default=None,
+                   help="run the files of this tier (default: all files when names are given, else ci)")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs side by side")
+    p.add_argument("--max-seeds", type=int, default=None, help="run at most this many seeds per case")
+    p.add_argument("--backend", choices=("torch", "jax"), default=None, help="override each file's backend")
+    p.add_argument("--data-dir", default=os.environ.get("CLRUN_DATA_DIR"))
+    p.add_argument("--out", default=str(REPO / "docs" / "RESULTS.md"), help="the report (markdown)")
+    p.add_argument("--workdir", default=None, help="where the runs' directories go (default: a temporary one)")
+    p.add_argument("--list", action="store_true", help="list the selected cases and exit")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    args.override = extra  # after --: clrun overrides added to every run
+    tier = args.tier if args.tier is not None else (None if args.names else "ci")
+    cases = select(load_cases(), tier, args.names)
+    if not cases:
+        names = ", ".join(c.name for c in load_cases())
+        print(f"no experiment file matches (tier {tier}, names {args.names or 'any'}). Files: {names}",
+              file=sys.stderr)
+        return 2
+    if args.list:
+        for c in cases:
+            print(f"{c.name:32s} {c.tier:4s} {c.metric} {c.value:.2f} +- {c.tolerance:.2f}  seeds {c.seeds}")
+        return 0
+    jobs = max(1, args.jobs)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="clrun-regress-"))
+    work = []
+    for c in cases:
+        c.seeds_run = min(c.seeds, args.max_seeds) if args.max_seeds else c.seeds
+        work += [(c, s) for s in range(c.seeds_run)]
+    # Build each case's stream once before the parallel runs (the cache is shared, and two runs
+    # building the same stream side by side would do the work twice).
+    firsts = [(c, 0) for c in cases]
+    rest = [w for w in work if w[1] != 0]
+    print(f"{len(cases)} cases, {len(work)} runs, {jobs} side by side, runs in {workdir}", flush=True)
+    start = time.perf_counter()
+
+    def go(item):
+        c, s = item
+        record = run_one(c, s, workdir, args, threads)
+        c.runs.append(record)
+        shown = record["error"] or f"{c.metric} {fmt(record['value'])}"
+        print(f"  {c.name} seed {s}: {shown} ({record['seconds']:.0f} s)", flush=True)
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        list(pool.map(go, firsts))
+        list(pool.map(go, rest))
+    wall = time.perf_counter() - start
+    for c in cases:
+        c.runs.sort(key=lambda r: r["seed"])
+    text = report(cases, args, wall)
+    write_atomic(Path(args.out), text)
+    if not args.workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print()
+    for c in cases:
+        mean, std = c.mean_std()
+        print(f"{c.status:9s} {c.name:32s} published {c.value:6.2f}  measured {fmt(mean)} +- {fmt(std)}"
+              f"  (tolerance {c.tolerance:.2f}, {len(c.measured)} seeds)")
+    print(f"report: {args.out}  ({wall / 60:.1f} min)")
+    bad = [c for c in cases if c.status in ("FAIL", "ERROR")]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
