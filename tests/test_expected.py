@@ -1,0 +1,134 @@
+"""Published numbers as experiment files: ``expected_results/``, ``clrun +expected=<name>`` and
+``scripts/regress.py``."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+
+from cl_runner import sweeps
+from cl_runner.config import validate_config
+from conftest import REPO, TINY, read_results, run_clrun
+
+CONF_DIR = str(REPO / "conf")
+FILES = sorted(sweeps.expected_files())
+
+
+def load_regress():
+    spec = importlib.util.spec_from_file_location("regress", REPO / "scripts" / "regress.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["regress"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_there_are_experiment_files():
+    assert len(FILES) >= 8
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_experiment_file_composes_and_states_its_source(name):
+    """Every file composes onto clrun's config, validates, and states value, tolerance (at least
+    1.5 points, as the published-number policy says), seeds, source and tier."""
+    sweeps.register_sweep_files()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(config_name="config", overrides=[f"+expected={name}"])
+    finally:
+        GlobalHydra.instance().clear()
+    typed, _ = validate_config(cfg)
+    exp = typed.expected
+    assert exp.value is not None and exp.source and exp.tier in ("ci", "cpu", "gpu")
+    assert exp.tolerance >= 1.5 and exp.seeds >= 1
+    raw = OmegaConf.load(sweeps.EXPECTED_DIR / f"{name}.yaml")
+    # The file's own settings are what the composed run uses (nothing silently dropped).
+    for section in ("benchmark", "backbone", "optimizer", "algo"):
+        for key, value in (raw.get(section) or {}).items():
+            assert typed[section][key] == value, f"{name}: {section}.{key}"
+
+
+def test_expected_run_prints_pass_or_fail(tmp_path, tiny_data_dir):
+    """``expected=<name>`` (with or without +) applies the protocol and compares the result."""
+    out = tmp_path / "run"
+    proc = run_clrun(["expected=der_seqmnist_sgd", f"data_dir={tiny_data_dir}", f"hydra.run.dir={out}",
+                      *TINY, "loggers=[]"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    res = read_results(out)
+    assert res["config"]["benchmark"]["name"] == "splitmnist"
+    assert res["config"]["optimizer"]["lr"] == 0.03
+    assert res["config"]["benchmark"]["normalize"] is False
+    e = res["expected"]
+    assert e["expected"] == 19.60 and e["tolerance"] == 1.5
+    assert e["measured"] == pytest.approx(res["avg_acc"])
+    assert e["status"] == ("PASS" if abs(res["avg_acc"] - 19.60) <= 1.5 else "FAIL")
+    assert f"measured {res['avg_acc']:.2f}: {e['status']}" in " ".join(proc.stdout.split())
+
+
+def test_unknown_experiment_file_lists_the_valid_ones(tmp_path):
+    proc = run_clrun(["+expected=der_seqmnist_sdg"], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "unknown experiment file 'der_seqmnist_sdg'" in proc.stderr
+    assert "der_seqmnist_sgd" in proc.stderr
+
+
+def test_bad_tier_is_an_error(tmp_path, tiny_data_dir):
+    proc = run_clrun(["+expected=der_seqmnist_sgd", "expected.tier=laptop"], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "expected.tier" in proc.stderr and "ci, cpu, gpu" in proc.stderr
+
+
+def test_case_statistics_and_status():
+    regress = load_regress()
+    c = regress.Case(name="x", path=Path("x.yaml"), metric="avg_acc", value=50.0, tolerance=2.0,
+                     seeds=3, source="s", tier="ci", known_gap=None)
+    c.runs = [{"seed": 0, "value": 49.0, "seconds": 1.0}, {"seed": 1, "value": 53.0, "seconds": 1.0},
+              {"seed": 2, "value": 54.0, "seconds": 1.0}]
+    mean, std = c.mean_std()
+    assert mean == pytest.approx(52.0)
+    assert std == pytest.approx(((9 + 1 + 4) / 2) ** 0.5)   # sample std of 49, 53, 54
+    assert c.status == "PASS"            # |52 - 50| = 2 is inside a tolerance of 2
+    c.tolerance = 1.9
+    assert c.status == "FAIL"
+    c.tolerance = 1.0
+    c.known_gap = "explained"
+    assert c.status == "KNOWN GAP"
+    c.runs.append({"seed": 3, "value": None, "seconds": 0.0, "error": "exit 2: boom"})
+    assert c.status == "ERROR"
+
+
+def test_regress_selects_by_tier_and_glob():
+    regress = load_regress()
+    cases = regress.load_cases()
+    ci = regress.select(cases, "ci", [])
+    assert ci and all(c.tier == "ci" for c in ci)
+    der = regress.select(cases, None, ["der_seqmnist_*"])
+    assert {c.name for c in der} == {n for n in FILES if n.startswith("der_seqmnist_")}
+
+
+def test_regress_end_to_end_averages_seeds(tmp_path, tiny_data_dir):
+    """Two seeds of one case on tiny data: the report's mean is the mean of the two runs'
+    results.json values, and the exit status follows PASS/FAIL."""
+    out = tmp_path / "RESULTS.md"
+    work = tmp_path / "work"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "regress.py"), "der_seqmnist_sgd",
+                           "--max-seeds", "2", "--jobs", "2", "--data-dir", str(tiny_data_dir),
+                           "--out", str(out), "--workdir", str(work), "--", *TINY],
+                          capture_output=True, text=True, timeout=600)
+    values = [json.loads((work / "der_seqmnist_sgd" / f"seed_{s}" / "results.json").read_text())["avg_acc"]
+              for s in (0, 1)]
+    mean = sum(values) / 2
+    status = "PASS" if abs(mean - 19.60) <= 1.5 else "FAIL"
+    assert proc.returncode == (0 if status == "PASS" else 1), proc.stderr
+    text = out.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| der_seqmnist_sgd"))
+    assert f"| {mean:.2f} +- " in row and f"| 2/10 | {status} |" in row
+    assert "capped at 2 seeds" in text
