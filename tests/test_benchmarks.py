@@ -120,6 +120,35 @@ def test_rotation_jitter_angles_stay_in_bins(tiny_data_dir, monkeypatch):
     assert len(seen[0]) == 600 and len(seen[1]) == 200
 
 
+def test_rotation_jitter_task_draws_one_angle_per_task(tiny_data_dir, monkeypatch):
+    """GEM's protocol: one angle per task, uniform inside the task's bin, the same for its train
+    and test images; different seeds draw different angles."""
+    seen = []
+
+    def spy(images, angles, interpolation="nearest"):
+        seen.append(np.broadcast_to(np.asarray(angles, dtype=float), (len(images),)).copy())
+        return rotate(images, angles, interpolation)
+
+    monkeypatch.setattr(mnist, "rotate", spy)
+    s = build(tiny_data_dir, name="rotatedmnist", num_tasks=3, per_task_rotation=30, rotation_jitter="task")
+    for t in range(3):
+        train, test = seen[2 * t], seen[2 * t + 1]
+        assert np.all(train == train[0]) and np.all(test == train[0])
+        assert 30 * t <= train[0] < 30 * (t + 1) and train[0] != 30 * t
+        assert s.tasks[t].info["angle"] == train[0]
+    first = [a[0] for a in seen[::2]]
+    seen.clear()
+    build(tiny_data_dir, name="rotatedmnist", num_tasks=3, per_task_rotation=30, rotation_jitter="task", seed=1)
+    assert [a[0] for a in seen[::2]] != first
+
+
+def test_rotation_jitter_bad_value_is_a_config_error():
+    from cl_runner.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="rotation_jitter.*false, sample"):
+        mnist.rotation_jitter_mode("sometimes")
+
+
 # -- permutations -------------------------------------------------------------------------------
 
 def recover_permutation(original: np.ndarray, permuted: np.ndarray) -> np.ndarray:

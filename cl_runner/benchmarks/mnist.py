@@ -35,16 +35,34 @@ def _input_domain_stream(name, bcfg, ds: ImageDataset, seed, num_tasks, scenario
                   input_shape=tuple(ds.train_x.shape[1:]), mean=ds.mean, std=ds.std)
 
 
+def rotation_jitter_mode(value) -> str | None:
+    """``rotation_jitter`` as None (off), "sample" or "task"; anything else is a ConfigError."""
+    if value is False or value is None or value == "false":
+        return None
+    if value is True or value in ("true", "sample"):
+        return "sample"
+    if value == "task":
+        return "task"
+    raise ConfigError(f"config key 'benchmark.rotation_jitter': '{value}' is not one of false, "
+                      "sample (or true), task.")
+
+
 def build_rotated(bcfg, ds, seed, num_tasks, scenario):
     step = float(bcfg.per_task_rotation)
 
     def transform(t, xtr, xte):
-        if bcfg.rotation_jitter:
-            # GEM / Stable-SGD protocol: each sample's angle is uniform inside the task's bin.
+        jitter = rotation_jitter_mode(bcfg.rotation_jitter)
+        if jitter == "sample":
+            # Each sample's angle is uniform inside the task's bin.
             rng = task_rng(seed, t, ANGLES)
             a_tr = rng.uniform(t * step, (t + 1) * step, size=len(xtr))
             a_te = rng.uniform(t * step, (t + 1) * step, size=len(xte))
             info = {"angle_range": [t * step, (t + 1) * step]}
+        elif jitter == "task":
+            # One angle for the whole task (train and test), uniform inside its bin: GEM's
+            # mnist_rotations draws its tasks this way.
+            a_tr = a_te = float(task_rng(seed, t, ANGLES).uniform(t * step, (t + 1) * step))
+            info = {"angle": a_tr}
         else:
             a_tr = a_te = t * step
             info = {"angle": t * step}

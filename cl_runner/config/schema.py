@@ -23,8 +23,10 @@ class BenchmarkConfig:
     num_tasks: Optional[int] = None
     # Rotated: task t is rotated by t * per_task_rotation degrees (t from 0).
     per_task_rotation: float = 9.0
-    # Rotated: draw each sample's angle uniformly inside its task's bin [t*step, (t+1)*step).
-    rotation_jitter: bool = False
+    # Rotated: false: task t's angle is t*step; sample (or true): each sample's angle is drawn
+    # uniformly inside the task's bin [t*step, (t+1)*step); task: one angle per task drawn
+    # uniformly inside its bin (the GEM protocol's mnist_rotations).
+    rotation_jitter: Any = False
     # Rotated: nearest (as PIL / torchvision rotate by default) or bilinear.
     interpolation: str = "nearest"
     # Permuted: leave the first task's pixels in their original order.

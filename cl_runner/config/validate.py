@@ -136,6 +136,9 @@ def _check_values(cfg: Any) -> None:
     if cfg.benchmark.scenario is not None:
         one_of("benchmark.scenario", cfg.benchmark.scenario, SCENARIOS)
     one_of("benchmark.interpolation", cfg.benchmark.interpolation, ("nearest", "bilinear"))
+    from cl_runner.benchmarks.mnist import rotation_jitter_mode
+
+    rotation_jitter_mode(cfg.benchmark.rotation_jitter)
     one_of("training.eval_on", cfg.training.eval_on, ("all", "seen"))
     positive("benchmark.num_tasks", cfg.benchmark.num_tasks, allow_none=True)
     positive("benchmark.batch_size", cfg.benchmark.batch_size)
