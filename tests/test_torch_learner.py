@@ -346,3 +346,27 @@ def test_joint_trains_on_the_union_of_seen_tasks():
     final = learner_for(stream, "joint", algo={"mode": "final"})
     assert len(final.train_arrays(stream.tasks[0])[1]) == 0
     assert len(final.train_arrays(stream.tasks[2])[1]) == 30
+
+
+@pytest.mark.parametrize("scenario", ["domain_il", "task_il"])
+def test_batch_fisher_is_the_squared_mean_gradient(scenario):
+    """fisher: batch (GEM's EWC): (d/dtheta mean_i loss_i)^2, whatever the chunk size."""
+    stream = tiny_stream(num_tasks=3, scenario=scenario, n_train=37)
+    learner = learner_for(stream, backbone={"dropout": 0.5})
+    task = stream.tasks[1]
+    x = learner.to_input(task.train_x)
+    y = torch.from_numpy(task.train_y)
+    t = torch.full((len(y),), task.id) if learner.masks else None
+    got = fisher_diagonal(learner, x, y, t, batch_size=8, kind="batch")
+    assert learner.model.training
+    learner.model.eval()
+    learner.model.zero_grad()
+    torch.nn.functional.cross_entropy(learner.masked(learner.model(x), t), y).backward()
+    expected = [p.grad ** 2 for p in learner.model.parameters()]
+    learner.model.train()
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-12)
+    per_sample = fisher_diagonal(learner, x, y, t, batch_size=8)
+    # (mean g)^2 <= mean g^2 elementwise (Jensen), and strictly smaller somewhere.
+    assert all(bool((g <= p + 1e-9).all()) for g, p in zip(got, per_sample))
+    assert any(bool((g < p - 1e-9).any()) for g, p in zip(got, per_sample))

@@ -55,13 +55,14 @@ class EWCConfig(AlgoConfig):
     # Training samples of each task used to estimate its Fisher (null: all of them).
     fisher_samples: Optional[int] = 1024
     fisher_batch_size: int = 256
-    # empirical: gradients at the true labels; true: at labels sampled from the model.
+    # empirical: per-sample gradients at the true labels; true: at labels sampled from the model;
+    # batch: the squared gradient of the mean loss over the samples (GEM's EWC baseline).
     fisher: str = "empirical"
 
     @staticmethod
     def check(algo) -> None:
-        if algo.fisher not in ("empirical", "true"):
-            raise ConfigError(f"algo.fisher: '{algo.fisher}' is not one of empirical, true.")
+        if algo.fisher not in ("empirical", "true", "batch"):
+            raise ConfigError(f"algo.fisher: '{algo.fisher}' is not one of empirical, true, batch.")
         if algo.fisher_samples is not None and algo.fisher_samples <= 0:
             raise ConfigError(f"algo.fisher_samples must be positive (or null for all), got {algo.fisher_samples}.")
         if algo.fisher_batch_size <= 0:

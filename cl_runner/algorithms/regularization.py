@@ -64,5 +64,5 @@ class MASConfig(AlgoConfig):
 
 
 def _check_fisher(algo) -> None:
-    if algo.fisher not in ("empirical", "true"):
-        raise ConfigError(f"config key 'algo.fisher': '{algo.fisher}' is not one of empirical, true.")
+    if algo.fisher not in ("empirical", "true", "batch"):
+        raise ConfigError(f"config key 'algo.fisher': '{algo.fisher}' is not one of empirical, true, batch.")

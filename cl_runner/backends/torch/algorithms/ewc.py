@@ -7,6 +7,8 @@ theta*_t)^2: one penalty per past task, as in the paper.
 F is the mean over ``fisher_samples`` training samples of the squared per-sample gradient of the
 log-likelihood (computed exactly per sample, not from mini-batch gradients; see persample.py), with
 the true label (``fisher: empirical``) or a label drawn from the model (``fisher: true``).
+``fisher: batch`` is the estimator of GEM's EWC baseline (Lopez-Paz & Ranzato 2017,
+model/ewc.py): the square of the gradient of the mean loss over the ``fisher_samples`` samples.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ def fisher_diagonal(learner: TorchLearner, x: torch.Tensor, y: torch.Tensor, t: 
     model = learner.model
     was_training = model.training
     model.eval()
+    if kind == "batch":
+        grads = mean_loss_grad(learner, x, y, t, batch_size)
+        model.train(was_training)
+        return [g * g for g in grads]
     if kind == "true":
         with torch.no_grad():
             labels = []
@@ -47,6 +53,22 @@ def fisher_diagonal(learner: TorchLearner, x: torch.Tensor, y: torch.Tensor, t: 
     sums = per_sample_grad_sum(model, nll, x, "square", batch_size)
     model.train(was_training)
     return [s / max(len(x), 1) for s in sums]
+
+
+def mean_loss_grad(learner: TorchLearner, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None,
+                   batch_size: int) -> list[torch.Tensor]:
+    """Gradient of the mean cross-entropy over all of ``x`` (accumulated over chunks)."""
+    model = learner.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = [torch.zeros_like(p) for p in params]
+    n = max(len(x), 1)
+    for lo in range(0, len(x), batch_size):
+        tb = t[lo:lo + batch_size] if t is not None else None
+        loss = F.cross_entropy(learner.masked(model(x[lo:lo + batch_size]), tb), y[lo:lo + batch_size],
+                               reduction="sum") / n
+        for acc, g in zip(total, torch.autograd.grad(loss, params)):
+            acc += g
+    return total
 
 
 class EWCPart(ImportanceRegularizer):
