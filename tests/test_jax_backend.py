@@ -682,3 +682,35 @@ def test_batch_fisher_matches_pytorch():
     got = fisher_diagonal(jl, jl.params, jl.to_input(task.train_x), jnp.asarray(task.train_y, jnp.int32),
                           jnp.full((30,), task.id, jnp.int32), batch_size=8, kind="batch")
     assert_tree_close(got, expected, rtol=1e-4, atol=1e-12)
+
+
+@pytest.mark.parametrize("backbone", [{"type": "mlp", "width": 300},
+                                      {"type": "cnn", "channels": [8, 16], "width": 64}])
+def test_xavier_uniform_init_on_both_backends(backbone):
+    """backbone.init=xavier_uniform: zero biases and weights uniform in +-sqrt(6/(fan_in+fan_out))
+    (fans count the receptive field for convolutions), on PyTorch and on JAX."""
+    import math
+
+    from cl_runner.backends.jax.backbones import build_backbone as jax_build, init_params
+    from cl_runner.backends.torch.backbones import build_backbone as torch_build
+
+    cfg = typed_cfg("jax", backbone={**backbone, "init": "xavier_uniform"}).backbone
+    shape = (1, 28, 28)
+    tmodel = torch_build(cfg, shape, 10)
+    jparams = init_params(jax_build(cfg, shape, 10), shape, 0, "xavier_uniform")
+    tw = [m.weight.detach().numpy() for m in tmodel.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    tb = [m.bias.detach().numpy() for m in tmodel.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    jw = [np.asarray(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(jparams)[0]
+          if path[-1].key == "kernel"]
+    jb = [np.asarray(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(jparams)[0]
+          if path[-1].key == "bias"]
+    assert len(tw) == len(jw) and all(not b.any() for b in tb + jb)
+    for w in tw:  # torch: (out, in, *k)
+        receptive = int(np.prod(w.shape[2:])) if w.ndim > 2 else 1
+        bound = math.sqrt(6.0 / (w.shape[1] * receptive + w.shape[0] * receptive))
+        assert np.abs(w).max() <= bound and np.abs(w).max() > 0.95 * bound
+        assert abs(w.std() - bound / math.sqrt(3)) < 0.1 * bound  # the std of U(-b, b)
+    for w, t in zip(jw, tw):  # the same fans on JAX, (*k, in, out) layout
+        assert w.size == t.size
+        bound = math.sqrt(6.0 / (int(np.prod(w.shape[:-1])) + int(np.prod(w.shape[:-2])) * w.shape[-1]))
+        assert np.abs(w).max() <= bound and np.abs(w).max() > 0.95 * bound

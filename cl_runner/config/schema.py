@@ -59,6 +59,9 @@ class BackboneConfig:
     dropout: float = 0.0
     # cnn: output channels of each conv block.
     channels: List[int] = field(default_factory=lambda: [32, 64])
+    # Weight initialisation: default (PyTorch's: U(+-1/sqrt(fan_in)) for weights and biases) or
+    # xavier_uniform (Glorot: U(+-sqrt(6 / (fan_in + fan_out))) weights, zero biases; GEM's MLP).
+    init: str = "default"
 
 
 @dataclass

@@ -140,6 +140,7 @@ def _check_values(cfg: Any) -> None:
 
     rotation_jitter_mode(cfg.benchmark.rotation_jitter)
     one_of("training.eval_on", cfg.training.eval_on, ("all", "seen"))
+    one_of("backbone.init", cfg.backbone.init, ("default", "xavier_uniform"))
     positive("benchmark.num_tasks", cfg.benchmark.num_tasks, allow_none=True)
     positive("benchmark.batch_size", cfg.benchmark.batch_size)
     positive("benchmark.eval_batch_size", cfg.benchmark.eval_batch_size)

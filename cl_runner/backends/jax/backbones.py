@@ -167,9 +167,11 @@ def build_backbone(cfg, input_shape, num_outputs: int, conv_impl: str = "lax") -
     return BACKBONES.get(cfg.type, backend="jax")(cfg, tuple(input_shape), num_outputs, conv_impl=conv_impl)
 
 
-def init_params(model: Backbone, input_shape, seed: int):
+def init_params(model: Backbone, input_shape, seed: int, init: str = "default"):
     """The model's parameters drawn with NumPy from ``seed``, from the same distributions as the
-    layers' own initialisers (U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for kernels and biases).
+    layers' own initialisers (U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for kernels and biases), or with
+    ``init="xavier_uniform"`` Glorot-uniform kernels (U(+-sqrt(6 / (fan_in + fan_out)))) and zero
+    biases, as on the PyTorch backend.
 
     ``model.init`` would give the same distributions from a JAX key, but compiling the random
     number generation for ~10^5-10^6 values takes seconds on a CPU; this takes milliseconds.
@@ -181,7 +183,14 @@ def init_params(model: Backbone, input_shape, seed: int):
 
     def layer(node):
         if "kernel" in node and not isinstance(node["kernel"], dict):
-            fan_in = int(math.prod(node["kernel"].shape[:-1]))
+            shape = node["kernel"].shape
+            fan_in = int(math.prod(shape[:-1]))
+            if init == "xavier_uniform":
+                receptive = int(math.prod(shape[:-2]))  # 1 for a dense kernel (in, out)
+                bound = math.sqrt(6.0 / (fan_in + receptive * shape[-1]))
+                return {name: (rng.uniform(-bound, bound, leaf.shape) if name == "kernel"
+                               else np.zeros(leaf.shape)).astype(leaf.dtype)
+                        for name, leaf in node.items()}
             bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
             return {name: rng.uniform(-bound, bound, leaf.shape).astype(leaf.dtype)
                     for name, leaf in node.items()}

@@ -163,7 +163,8 @@ class JaxLearner(Learner):
         self.model = build_backbone(cfg.backbone, stream.input_shape, self.num_outputs(),
                                     conv_impl="im2col" if cpu else "lax")
         self.eval_model = build_backbone(cfg.backbone, stream.input_shape, self.num_outputs())
-        self.params = self.put(init_params(self.model, stream.input_shape, seed))
+        self.params = self.put(init_params(self.model, stream.input_shape, seed,
+                                           getattr(cfg.backbone, "init", "default")))
         self.tx = build_optimizer(cfg.optimizer)
         self.opt_state = self.put(set_lr(jax.jit(self.tx.init)(self.params), float(cfg.optimizer.lr)))
         self.key = self.put(jax.random.PRNGKey(seed))  # shuffling and dropout

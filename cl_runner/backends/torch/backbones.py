@@ -53,4 +53,16 @@ def cnn(cfg, input_shape, num_outputs: int) -> Backbone:
 
 
 def build_backbone(cfg, input_shape, num_outputs: int) -> Backbone:
-    return BACKBONES.get(cfg.type, backend="torch")(cfg, tuple(input_shape), num_outputs)
+    model = BACKBONES.get(cfg.type, backend="torch")(cfg, tuple(input_shape), num_outputs)
+    if getattr(cfg, "init", "default") == "xavier_uniform":
+        xavier_init(model)
+    return model
+
+
+def xavier_init(model: nn.Module) -> None:
+    """Glorot-uniform weights and zero biases for every linear and convolutional layer."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
