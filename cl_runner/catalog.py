@@ -30,6 +30,7 @@ def load() -> None:
     for name, summary in {
         "mlp": "fully connected net: n_hidden_layers x width, ReLU, optional dropout",
         "cnn": "small conv net: conv-relu-maxpool blocks (channels) then a width-unit hidden layer",
+        "resnet18": "ResNet-18, CIFAR stem (3x3 conv, no max pool), nf base filters (20: GEM, 64: DER), batch norm",
     }.items():
         BACKBONES.register(name, summary=summary)(summary)
     for name, summary in {

@@ -91,7 +91,20 @@ def _candidates(data_dir: Path, name: str, stem: str) -> list[Path]:
     return [folder / (stem + ext) for folder in folders for ext in ("", ".gz")]
 
 
+# Colour datasets read by their own modules (cl_runner/data/cifar.py, tinyimagenet.py).
+OTHER_DATASETS = {"cifar10": "cl_runner.data.cifar", "cifar100": "cl_runner.data.cifar",
+                  "tinyimagenet": "cl_runner.data.tinyimagenet"}
+
+
+def _other(name: str):
+    import importlib
+
+    return importlib.import_module(OTHER_DATASETS[name])
+
+
 def find_files(data_dir: Path, name: str) -> dict[str, Path] | None:
+    if name in OTHER_DATASETS:
+        return _other(name).find_files(Path(data_dir), name)
     found = {}
     for key, stem in FILES.items():
         hit = next((p for p in _candidates(data_dir, name, stem) if p.is_file()), None)
@@ -126,6 +139,9 @@ def _missing_message(data_dir: Path, name: str, why: str) -> str:
 
 def load_image_dataset(name: str, data_dir: str | os.PathLike | None, download: bool = True) -> ImageDataset:
     """Load ``mnist`` or ``fashion-mnist`` from ``data_dir``, downloading when allowed and missing."""
+    if name in OTHER_DATASETS:
+        return _other(name).load(name, Path(data_dir).expanduser() if data_dir else default_data_dir(),
+                                 download=download)
     if name not in FILES and name not in KNOWN_SHA256:
         raise DataError(f"unknown dataset '{name}'")
     root = Path(data_dir).expanduser() if data_dir else default_data_dir()
