@@ -56,13 +56,16 @@ class EWCConfig(AlgoConfig):
     fisher_samples: Optional[int] = 1024
     fisher_batch_size: int = 256
     # empirical: per-sample gradients at the true labels; true: at labels sampled from the model;
-    # batch: the squared gradient of the mean loss over the samples (GEM's EWC baseline).
+    # weighted: empirical with each sample's squared gradient weighted by p(y | x) (Mammoth's
+    # online EWC); batch: the squared gradient of the mean loss over the samples (GEM's EWC baseline).
     fisher: str = "empirical"
 
     @staticmethod
     def check(algo) -> None:
-        if algo.fisher not in ("empirical", "true", "batch"):
-            raise ConfigError(f"algo.fisher: '{algo.fisher}' is not one of empirical, true, batch.")
+        from cl_runner.algorithms.regularization import FISHER_KINDS
+
+        if algo.fisher not in FISHER_KINDS:
+            raise ConfigError(f"algo.fisher: '{algo.fisher}' is not one of {', '.join(FISHER_KINDS)}.")
         if algo.fisher_samples is not None and algo.fisher_samples <= 0:
             raise ConfigError(f"algo.fisher_samples must be positive (or null for all), got {algo.fisher_samples}.")
         if algo.fisher_batch_size <= 0:
@@ -72,3 +75,4 @@ class EWCConfig(AlgoConfig):
 # Algorithms whose schemas live in their own modules (imported last: they use register_algo).
 from cl_runner.algorithms import (distillation, meta_learning, mode_connectivity,  # noqa: E402,F401
                                   regularization, replay)
+from cl_runner.algorithms import others  # noqa: E402,F401

@@ -11,6 +11,7 @@ from typing import Optional
 
 from cl_runner.algorithms import register_algo
 from cl_runner.config.schema import AlgoConfig
+from cl_runner.errors import ConfigError
 
 
 @register_algo("lamaml", paper="Gupta et al. 2020, NeurIPS (La-MAML)",
@@ -35,3 +36,19 @@ class LaMAMLConfig(AlgoConfig):
     sync_update: bool = False
     # Episodic memory size (reservoir sampling over the stream).
     mem_size: int = 200
+    # Memory samples joined to each incoming batch to form the meta-batch (null: the batch size).
+    replay_batch_size: Optional[int] = None
+
+    @staticmethod
+    def check(algo) -> None:
+        for key in ("glances", "n_inner_updates", "mem_size"):
+            if getattr(algo, key) < 1:
+                raise ConfigError(f"algo.{key} must be at least 1, got {getattr(algo, key)}.")
+        if algo.replay_batch_size is not None and algo.replay_batch_size < 1:
+            raise ConfigError(f"algo.replay_batch_size must be at least 1 (or null for the batch size), "
+                              f"got {algo.replay_batch_size}.")
+        if algo.grad_clip_norm is not None and algo.grad_clip_norm <= 0:
+            raise ConfigError(f"algo.grad_clip_norm must be positive (or null for no clipping), "
+                              f"got {algo.grad_clip_norm}.")
+        if algo.lr_alpha <= 0:
+            raise ConfigError(f"algo.lr_alpha must be positive, got {algo.lr_alpha}.")

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from cl_runner.algorithms import register_algo
 from cl_runner.config.schema import AlgoConfig
+from cl_runner.errors import ConfigError
 
 
 @register_algo("mcsgd", paper="Mirzadeh et al. 2021, ICLR (MC-SGD)", scenarios=("domain_il", "task_il"),
@@ -35,3 +36,27 @@ class MCSGDConfig(AlgoConfig):
     lmc_epochs: int = 1
     # Per-task decay of the continual (first-stage) learning rate: lr * lr_decay ** t.
     lr_decay: float = 1.0
+
+    @staticmethod
+    def check(algo) -> None:
+        if algo.lmc_policy != "offline":
+            raise ConfigError(f"algo.lmc_policy: '{algo.lmc_policy}' is not supported; the only policy is "
+                              f"'offline' (the mode-connectivity stage runs once at the end of each task).")
+        if algo.lmc_interpolation != "linear":
+            raise ConfigError(f"algo.lmc_interpolation: '{algo.lmc_interpolation}' is not supported; the only "
+                              f"path is 'linear'.")
+        for key in ("per_task_memory_samples", "lmc_batch_size", "lmc_line_samples"):
+            if getattr(algo, key) < 1:
+                raise ConfigError(f"algo.{key} must be at least 1, got {getattr(algo, key)}.")
+        if algo.lmc_epochs < 0:
+            raise ConfigError(f"algo.lmc_epochs must be >= 0 (0 skips the mode-connectivity stage), "
+                              f"got {algo.lmc_epochs}.")
+        if algo.lmc_lr <= 0:
+            raise ConfigError(f"algo.lmc_lr must be positive, got {algo.lmc_lr}.")
+        if not 0 <= algo.lmc_momentum < 1:
+            raise ConfigError(f"algo.lmc_momentum must be in [0, 1), got {algo.lmc_momentum}.")
+        if not 0 <= algo.lmc_init_position <= 1:
+            raise ConfigError(f"algo.lmc_init_position must be in [0, 1] (0: the previous solution, 1: the "
+                              f"new task's), got {algo.lmc_init_position}.")
+        if algo.lr_decay <= 0:
+            raise ConfigError(f"algo.lr_decay must be positive, got {algo.lr_decay}.")

@@ -1,8 +1,10 @@
-"""Schemas of the replay methods: ER, DER, DER++ and A-GEM.
+"""Schemas of the replay methods: ER, DER, DER++, A-GEM, GEM, iCaRL and GDumb.
 
-Every replay method has the same memory keys: ``mem_policy`` (reservoir | class_balanced |
+ER, DER, DER++ and A-GEM have the same memory keys: ``mem_policy`` (reservoir | class_balanced |
 ring), ``mem_size`` (total slots) or ``mem_per_task`` (slots per task; it wins when both are set),
 and ``replay_batch_size`` (samples drawn from the memory per step; null: the stream batch size).
+GEM (a ring per task), iCaRL (ordered exemplar sets per class) and GDumb (a greedy
+class-balanced memory) keep memories of their own kind, with the keys their papers use.
 """
 
 from __future__ import annotations
@@ -93,3 +95,79 @@ class AGEMConfig(AlgoConfig):
     replay_batch_size: Optional[int] = 256
 
     check = staticmethod(check_memory)
+
+
+# -- GEM, iCaRL and GDumb ---------------------------------------------------------------------------
+
+def _positive(algo, *keys) -> None:
+    for key in keys:
+        value = getattr(algo, key)
+        if value is None or value <= 0:
+            raise ConfigError(f"config key 'algo.{key}' must be positive, got {value}.")
+
+
+@register_algo("gem", paper="Lopez-Paz & Ranzato 2017, NeurIPS (Gradient Episodic Memory)",
+               summary="project the gradient (a QP) so no past task's memory loss increases")
+@dataclass
+class GEMConfig(AlgoConfig):
+    name: str = "gem"
+    # Samples kept per task: a ring holding each task's latest samples (256 in the paper's MNIST runs).
+    mem_per_task: int = 256
+    # The paper's margin gamma: every dual variable is at least this (0.5 in the paper's runs).
+    memory_strength: float = 0.5
+
+    @staticmethod
+    def check(algo) -> None:
+        _positive(algo, "mem_per_task")
+        if algo.memory_strength < 0:
+            raise ConfigError(f"config key 'algo.memory_strength' must be >= 0, got {algo.memory_strength}.")
+
+
+@register_algo("icarl", paper="Rebuffi et al. 2017, CVPR (iCaRL)", scenarios=("class_il", "task_il"),
+               summary="herding exemplars, sigmoid distillation loss, nearest-mean-of-exemplars classifier")
+@dataclass
+class ICaRLConfig(AlgoConfig):
+    name: str = "icarl"
+    # K: exemplars kept in all (the paper's 2000); each seen class keeps K // classes seen.
+    mem_size: int = 2000
+    # herding (the paper's) | random: how each class's exemplars are chosen.
+    mem_policy: str = "herding"
+
+    @staticmethod
+    def check(algo) -> None:
+        _positive(algo, "mem_size")
+        if algo.mem_policy not in ("herding", "random"):
+            raise ConfigError(f"config key 'algo.mem_policy': '{algo.mem_policy}' is not one of herding, "
+                              f"random (iCaRL keeps ordered exemplar sets per class).")
+
+
+@register_algo("gdumb", paper="Prabhu et al. 2020, ECCV (GDumb)",
+               summary="greedy class-balanced memory; a model trained from scratch on it after each task")
+@dataclass
+class GDumbConfig(AlgoConfig):
+    name: str = "gdumb"
+    # Memory slots (the paper's MNIST runs: 300 and 500).
+    mem_size: int = 500
+    # Retraining from scratch after each task: epochs over the memory (the paper's MNIST: 128),
+    # batch size (16), SGD with momentum 0.9, weight decay 1e-6, gradient-norm clipping at 10.
+    epochs: int = 128
+    batch_size: int = 16
+    lr: float = 0.05
+    # sgdr: one warm-up epoch at lr / 10, then cosine cycles of 1, 2, 4, ... epochs from lr to
+    # lr_min (the paper's); constant: lr throughout.
+    lr_schedule: str = "sgdr"
+    lr_min: float = 0.0005
+    momentum: float = 0.9
+    weight_decay: float = 1e-6
+    # null: no clipping.
+    clip_grad_norm: Optional[float] = 10.0
+
+    @staticmethod
+    def check(algo) -> None:
+        _positive(algo, "mem_size", "epochs", "batch_size", "lr")
+        if algo.lr_schedule not in ("sgdr", "constant"):
+            raise ConfigError(f"config key 'algo.lr_schedule': '{algo.lr_schedule}' is not one of sgdr, constant.")
+        if algo.lr_min < 0 or algo.lr_min > algo.lr:
+            raise ConfigError(f"config key 'algo.lr_min' must be in [0, algo.lr={algo.lr}], got {algo.lr_min}.")
+        if algo.clip_grad_norm is not None and algo.clip_grad_norm <= 0:
+            raise ConfigError(f"config key 'algo.clip_grad_norm' must be positive or null, got {algo.clip_grad_norm}.")

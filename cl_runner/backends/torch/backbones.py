@@ -54,6 +54,11 @@ def cnn(cfg, input_shape, num_outputs: int) -> Backbone:
 
 def build_backbone(cfg, input_shape, num_outputs: int) -> Backbone:
     model = BACKBONES.get(cfg.type, backend="torch")(cfg, tuple(input_shape), num_outputs)
+    head = getattr(cfg, "head", "fixed")
+    if head != "fixed":  # a head that grows with the stream (cl_runner/backends/torch/heads.py)
+        from cl_runner.backends.torch.heads import make_head
+
+        model.head = make_head(head, model.feature_dim, num_outputs, getattr(cfg, "init", "default"))
     if getattr(cfg, "init", "default") == "xavier_uniform":
         xavier_init(model)
     return model
@@ -66,3 +71,6 @@ def xavier_init(model: nn.Module) -> None:
             nn.init.xavier_uniform_(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+
+
+from cl_runner.backends.torch import resnet  # noqa: E402,F401  (registers resnet18)

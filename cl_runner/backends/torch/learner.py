@@ -20,7 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cl_runner.backends.torch.augment import build_augment
 from cl_runner.backends.torch.backbones import build_backbone
+from cl_runner.backends.torch.heads import add_missing_params, grow_head, release_unused_head_grads
 from cl_runner.backends.torch.optim import build_optimizer, set_lr, task_lr
 from cl_runner.core.learner import Learner
 from cl_runner.errors import TrainingDivergedError
@@ -78,6 +80,8 @@ class TorchLearner(Learner):
         normalize = bool(cfg.benchmark.normalize)
         self._mean = torch.tensor(stream.mean if normalize else [0.0] * len(stream.mean)).view(shape).to(device)
         self._std = torch.tensor(stream.std if normalize else [1.0] * len(stream.std)).view(shape).to(device)
+        # benchmark.augment: random crop + flip of each training batch on the device (augment.py).
+        self.augment = build_augment(cfg.benchmark, self._mean, self._std, device, seed)
         # Task-IL: output_mask[t] marks task t's output units.
         self.masks = stream.masks_logits
         mask = torch.zeros(stream.num_tasks, self.num_outputs(), dtype=torch.bool)
@@ -117,6 +121,7 @@ class TorchLearner(Learner):
 
     # -- hooks -------------------------------------------------------------------------------
     def on_before_task(self, task) -> None:
+        grow_head(self.model, self.optimizer, task, self.output_mask[task.id], self.stream.scenario)
         set_lr(self.optimizer, task_lr(self.cfg.optimizer, task.id))
         x, y, tid = self.train_arrays(task)
         self.train_x = self.to_input(x)
@@ -151,6 +156,8 @@ class TorchLearner(Learner):
                 loss = loss + extra
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if t is not None:
+            release_unused_head_grads(self.model, self.output_mask, t)
         for p in self._grad_parts:
             p.after_backward()
         if self.grad_clip:
@@ -179,7 +186,8 @@ class TorchLearner(Learner):
             if step_cbs:
                 for cb in step_cbs:
                     cb.on_before_step(loop, base_step + b)
-            loss = self.train_step(xs[lo:hi], ys[lo:hi], ts[lo:hi] if ts is not None else None)
+            xb = self.augment(xs[lo:hi]) if self.augment is not None else xs[lo:hi]
+            loss = self.train_step(xb, ys[lo:hi], ts[lo:hi] if ts is not None else None)
             losses[b] = loss
             if step_cbs:
                 for cb in step_cbs:
@@ -260,14 +268,18 @@ class TorchLearner(Learner):
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
             "parts": [p.state_dict() for p in self.parts],
+            **({"augment": self.augment.state_dict()} if self.augment is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
+        add_missing_params(self.optimizer, self.model)  # a grown head's chunks
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         for p, s in zip(self.parts, state["parts"]):
             p.load_state_dict(s)
+        if self.augment is not None and "augment" in state:
+            self.augment.load_state_dict(state["augment"])
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())

@@ -6,7 +6,8 @@ theta*_t)^2: one penalty per past task, as in the paper.
 
 F is the mean over ``fisher_samples`` training samples of the squared per-sample gradient of the
 log-likelihood (computed exactly per sample, not from mini-batch gradients; see persample.py), with
-the true label (``fisher: empirical``) or a label drawn from the model (``fisher: true``).
+the true label (``fisher: empirical``) or a label drawn from the model (``fisher: true``);
+``fisher: weighted`` weights each sample's term by p(y | x) (Mammoth's online EWC, models/ewc_on.py).
 ``fisher: batch`` is the estimator of GEM's EWC baseline (Lopez-Paz & Ranzato 2017,
 model/ewc.py): the square of the gradient of the mean loss over the ``fisher_samples`` samples.
 """
@@ -26,7 +27,8 @@ from cl_runner.registry import ALGORITHMS, PLUGINS
 def fisher_diagonal(learner: TorchLearner, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None,
                     batch_size: int, kind: str = "empirical",
                     generator: torch.Generator | None = None) -> list[torch.Tensor]:
-    """Mean over samples of the squared per-sample gradient of log p(y | x), per parameter.
+    """Mean over samples of the squared per-sample gradient of log p(y | x), per parameter
+    (``kind: weighted``: each sample's term weighted by p(y | x)).
 
     Computed with the model in eval mode (no dropout): the Fisher of the trained network.
     """
@@ -47,8 +49,11 @@ def fisher_diagonal(learner: TorchLearner, x: torch.Tensor, y: torch.Tensor, t: 
             y = torch.cat(labels)
 
     def nll(logits, idx):
-        return F.cross_entropy(learner.masked(logits, t[idx] if t is not None else None), y[idx],
-                               reduction="none")
+        losses = F.cross_entropy(learner.masked(logits, t[idx] if t is not None else None), y[idx],
+                                 reduction="none")
+        if kind == "weighted":  # sqrt(p) on the loss gives p * g^2 in the square
+            losses = losses * torch.exp(-0.5 * losses.detach())
+        return losses
 
     sums = per_sample_grad_sum(model, nll, x, "square", batch_size)
     model.train(was_training)

@@ -1,0 +1,204 @@
+"""GDumb (Prabhu, Torr & Dokania 2020, "GDumb: A Simple Approach that Questions Our Progress in
+Continual Learning", ECCV).
+
+GDumb takes no training step on the stream. A greedy sampler fills a memory of ``mem_size``
+samples, and after each task a model is trained *from scratch* on the memory alone:
+
+* Sampler (the paper's Algorithm 1). Each sample (x, y) of the task, in a random order, is
+  stored if the memory has a free slot. Otherwise, with k_c = K / (classes seen, y's included),
+  if y's class holds fewer than k_c samples, a random sample of the class holding the most is
+  evicted and (x, y) takes its slot; else (x, y) is dropped. The memory so tends to equal counts
+  per class. The decisions depend only on labels and counts, so they are made on the host over
+  the label array; the images are then written to the device memory in one indexed copy.
+* Retraining. The model's parameters are re-initialised (from a seed drawn from the learner's
+  generator, so a resumed run draws the same) and trained for ``epochs`` over the memory with a
+  fresh SGD (``lr``, ``momentum``, ``weight_decay``), batches of ``batch_size`` and
+  gradient-norm clipping at ``clip_grad_norm``. ``lr_schedule: sgdr`` is the paper's code: one warm-up epoch at lr / 10,
+  then cosine annealing with warm restarts of 1, 2, 4, ... epochs from lr down toward ``lr_min``,
+  the rate set once per epoch. The run's ``optimizer`` section is not used (GDumb's recipe is its
+  own); ``benchmark.augment`` augments its batches as it does every training batch; the paper's
+  CutMix (used for its image datasets, not MNIST) is not applied.
+* Prediction: in class-IL and domain-IL only the classes present in the memory can be predicted
+  (the paper masks the others); in task-IL the task's units, as for every algorithm.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from cl_runner.backends.torch.learner import TorchLearner
+from cl_runner.backends.torch.memory import derived_seed
+from cl_runner.errors import ConfigError
+from cl_runner.registry import ALGORITHMS
+
+
+def sgdr_lr(epoch: int, lr: float, lr_min: float) -> float:
+    """The paper's schedule: epoch 0 at lr / 10, then cosine cycles of 1, 2, 4, ... epochs."""
+    if epoch == 0:
+        return 0.1 * lr
+    cycle = 1 << (epoch.bit_length() - 1)  # the cycle of epoch e >= 1 starts at the power of 2 <= e
+    t_cur = epoch - cycle
+    return lr_min + (lr - lr_min) * (1 + math.cos(math.pi * t_cur / cycle)) / 2
+
+
+class GreedyClassBalancedMemory:
+    """GDumb's memory: images, labels and task ids on the device; counts and decisions on the host."""
+
+    def __init__(self, capacity: int, input_shape, device, seed: int):
+        self.capacity = int(capacity)
+        self.device = torch.device(device)
+        self.x = torch.zeros((self.capacity, *input_shape), device=self.device)
+        self.y = torch.zeros(self.capacity, dtype=torch.long, device=self.device)
+        self.t = torch.zeros(self.capacity, dtype=torch.long, device=self.device)
+        self.rng = np.random.default_rng(seed)
+        self.size = 0
+        self.slots: dict[int, list[int]] = {}  # class -> its slots (order of insertion)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def counts(self) -> dict[int, int]:
+        return {c: len(s) for c, s in self.slots.items()}
+
+    def plan(self, labels: np.ndarray) -> np.ndarray:
+        """Run the sampler over ``labels`` in order; the slot each sample is written to, -1 if
+        dropped or overwritten later in the same call (the last writer of a slot wins)."""
+        dst = np.full(len(labels), -1, dtype=np.int64)
+        slots, cap = self.slots, self.capacity
+        for i, y in enumerate(labels.tolist()):
+            own = slots.setdefault(y, [])
+            if self.size < cap:
+                slot = self.size
+                self.size += 1
+            elif len(own) < cap / len(slots):
+                largest = max(slots, key=lambda c: len(slots[c]))
+                victims = slots[largest]
+                j = int(self.rng.integers(len(victims)))
+                slot = victims[j]
+                victims[j] = victims[-1]
+                victims.pop()
+            else:
+                continue
+            own.append(slot)
+            dst[i] = slot
+        # A slot written twice in this call keeps its last sample.
+        kept = dst >= 0
+        if kept.any():
+            _, last_rev = np.unique(dst[::-1], return_index=True)
+            last = np.zeros(len(dst), dtype=bool)
+            last[len(dst) - 1 - last_rev] = True
+            dst = np.where(last & kept, dst, -1)
+        return dst
+
+    @torch.no_grad()
+    def offer(self, x: torch.Tensor, y: torch.Tensor, labels: np.ndarray, task_id: int) -> None:
+        """Offer samples (device tensors ``x``, ``y``; ``labels`` the same labels on the host)."""
+        dst = self.plan(labels)
+        src = np.flatnonzero(dst >= 0)
+        if len(src) == 0:
+            return
+        s = torch.from_numpy(src).to(self.device)
+        d = torch.from_numpy(dst[src]).to(self.device)
+        self.x[d] = x[s]
+        self.y[d] = y[s]
+        self.t[d] = task_id
+
+    def classes(self) -> list[int]:
+        return [c for c, s in self.slots.items() if s]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"capacity": self.capacity, "x": self.x.clone(), "y": self.y.clone(), "t": self.t.clone(),
+                "rng": self.rng.bit_generator.state, "size": self.size,
+                "slots": {c: list(s) for c, s in self.slots.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["capacity"] != self.capacity:
+            raise ValueError(f"a GDumb memory of {state['capacity']} slots cannot be loaded into one of {self.capacity}")
+        self.x, self.y, self.t = (state[k].to(self.device) for k in ("x", "y", "t"))
+        self.rng.bit_generator.state = state["rng"]
+        self.size = state["size"]
+        self.slots = {int(c): list(s) for c, s in state["slots"].items()}
+
+
+@ALGORITHMS.register("gdumb", backend="torch")
+class GDumb(TorchLearner):
+    def __init__(self, cfg, stream, device, seed):
+        super().__init__(cfg, stream, device, seed)
+        if cfg.algo.plugins:
+            raise ConfigError("algo=gdumb takes no training step on the stream, so it has nothing for "
+                              f"algo.plugins={list(cfg.algo.plugins)} to act on; remove the plugins.")
+        self.memory = GreedyClassBalancedMemory(cfg.algo.mem_size, stream.input_shape, device,
+                                                derived_seed(seed, 9001))
+        self.seen = torch.zeros(self.num_outputs(), dtype=torch.bool, device=device)
+
+    def train_epoch(self, task, epoch: int) -> dict:
+        """The sampler sees the task's samples once (in a random order); no step is taken."""
+        if epoch == 0:
+            perm = torch.randperm(len(self.train_y), generator=self.generator).to(self.device)
+            y = self.train_y[perm]
+            self.memory.offer(self.train_x[perm], y, y.cpu().numpy(), task.id)
+        return {"steps": 0, "loss": float("nan")}
+
+    def on_after_training(self, task) -> None:
+        super().on_after_training(task)
+        self.retrain()
+        self.seen.zero_()
+        self.seen[torch.as_tensor(self.memory.classes(), dtype=torch.long, device=self.device)] = True
+
+    def reinitialize(self) -> None:
+        seed = int(torch.randint(2**62, (1,), generator=self.generator))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for module in self.model.modules():
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+
+    def retrain(self) -> list[float]:
+        """Train the re-initialised model on the memory; returns each epoch's mean loss."""
+        a = self.cfg.algo
+        self.reinitialize()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay, foreach=True)
+        n, bs = len(self.memory), int(a.batch_size)
+        mx, my, mt = self.memory.x[:n], self.memory.y[:n], self.memory.t[:n]
+        self.model.train()
+        losses = []
+        for epoch in range(int(a.epochs)):
+            lr = sgdr_lr(epoch, a.lr, a.lr_min) if a.lr_schedule == "sgdr" else a.lr
+            for group in opt.param_groups:
+                group["lr"] = lr
+            perm = torch.randperm(n, generator=self.generator).to(self.device)
+            total = torch.zeros((), device=self.device)
+            for lo in range(0, n, bs):
+                idx = perm[lo:lo + bs]
+                xb = mx[idx]
+                if getattr(self, "augment", None) is not None:  # benchmark.augment, as for every step
+                    xb = self.augment(xb)
+                logits = self.train_forward(xb)
+                loss = self.criterion(logits, my[idx], mt[idx] if self.masks else None)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if a.clip_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, a.clip_grad_norm)
+                opt.step()
+                total += loss.detach() * len(idx)
+            losses.append(total / max(n, 1))
+        return [float(v) for v in losses]
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, task_id: int | None) -> torch.Tensor:
+        if self.masks or not bool(self.seen.any()):
+            return super().predict(x, task_id)
+        return self.model(x).masked_fill(~self.seen, float("-inf")).argmax(dim=1)
+
+    def state_dict(self):
+        return {**super().state_dict(), "gdumb_memory": self.memory.state_dict(), "seen": self.seen.clone()}
+
+    def load_state_dict(self, state) -> None:
+        super().load_state_dict(state)
+        self.memory.load_state_dict(state["gdumb_memory"])
+        self.seen = state["seen"].to(self.device)

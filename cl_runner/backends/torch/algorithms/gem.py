@@ -1,0 +1,145 @@
+"""Gradient Episodic Memory (Lopez-Paz & Ranzato 2017, "Gradient Episodic Memory for Continual
+Learning", NeurIPS).
+
+Each task keeps an episodic memory of ``mem_per_task`` samples (a ring: the task's latest
+samples). At every step, with g the gradient of the stream batch's loss and G the matrix whose
+rows g_k are the gradients of the loss on each *past* task's memory, the update must not
+increase any past task's memory loss to first order: <g~, g_k> >= 0 for every k. When g already
+satisfies every constraint it is used as is; otherwise g~ = G^T v + g, with v the solution of the
+paper's dual quadratic program
+
+    min_v  1/2 v^T G G^T v + g^T G^T v     subject to  v >= gamma,
+
+solved with ``quadprog``. gamma = ``memory_strength`` is the paper's margin, which biases the
+projection toward updates that lower the past losses (0 gives the exact projection onto the
+cone of allowed gradients; the paper's released code bounds v below by it, as here). The past
+tasks' gradients come from one forward pass over all their memories and one batched backward
+(one gradient per task), the dot products and G G^T are computed on the device, and only the
+t x t problem goes to the host. In task-IL each memory's loss uses its task's output units.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cl_runner.backends.torch.learner import Part, TorchLearner
+from cl_runner.backends.torch.memory import ReplayMemory
+from cl_runner.errors import ConfigError
+from cl_runner.registry import ALGORITHMS
+
+
+def _solve_qp():
+    try:
+        import quadprog
+    except ImportError:  # pragma: no cover - quadprog is a declared dependency
+        raise ConfigError("algo=gem solves a quadratic program with the quadprog package, which is not "
+                          "installed: pip install quadprog (or pip install -e '.[algos]').") from None
+    return quadprog.solve_qp
+
+
+def gem_dual(gram: np.ndarray, dots: np.ndarray, margin: float) -> np.ndarray:
+    """v minimising 1/2 v^T P v + q^T v subject to v >= margin (P = G G^T, q = G g), float64.
+
+    quadprog needs P positive definite; past-task gradients are linearly independent in practice,
+    and when they are not, a ridge growing from 1e-10 of P's mean diagonal is added until the
+    factorisation succeeds (it loosens each constraint by ridge * v_k).
+    """
+    solve_qp = _solve_qp()
+    t = len(dots)
+    P = 0.5 * (gram + gram.T)
+    scale = max(float(np.trace(P)) / t, np.finfo(np.float64).tiny)
+    identity = np.eye(t)
+    for ridge in (0.0, 1e-10, 1e-7, 1e-4, 1e-2):
+        try:
+            return solve_qp(P + ridge * scale * identity, -dots, identity, np.full(t, float(margin)))[0]
+        except ValueError:  # "matrix G is not positive definite"
+            continue
+    raise ValueError("GEM's quadratic program could not be solved: the past tasks' gradients are degenerate")
+
+
+@torch.no_grad()
+def gem_project(g: torch.Tensor, G: torch.Tensor, margin: float) -> tuple[torch.Tensor, bool]:
+    """(g~, projected): g itself when <g, g_k> >= 0 for every row g_k of G, else G^T v + g."""
+    dots = G @ g
+    if not bool((dots < 0).any()):
+        return g, False
+    gram = (G @ G.T).double().cpu().numpy()
+    v = gem_dual(gram, dots.double().cpu().numpy(), margin)
+    return g + torch.from_numpy(v).to(G) @ G, True
+
+
+class GEMPart(Part):
+    def __init__(self, learner, cfg):
+        super().__init__(learner, cfg)
+        _solve_qp()  # a missing package fails at the start, not at the second task
+        self.memory = ReplayMemory("ring", learner.stream.input_shape, learner.device, learner.seed,
+                                   per_task=int(cfg.mem_per_task), num_tasks=learner.stream.num_tasks,
+                                   num_outputs=learner.num_outputs())
+        self.margin = float(cfg.memory_strength)
+        self.task_id = 0
+        self.projections = 0  # steps whose gradient was projected (for inspection)
+        self._pending = None
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        # Read each time: a growing head (backbone.head) adds parameters during the stream.
+        return [p for p in self.learner.model.parameters() if p.requires_grad]
+
+    def on_before_task(self, task) -> None:
+        self.task_id = task.id
+
+    def extra_loss(self, x, y, logits):
+        self._pending = (x, y)  # stored after the step
+        return None
+
+    def past_gradients(self) -> torch.Tensor:
+        """(past tasks, parameters): row k is the gradient of the mean loss on task k's memory."""
+        learner, mem = self.learner, self.memory
+        idx = mem._ring_slots(self.task_id)
+        mx, my, mt, _ = mem.get(idx)
+        tasks, params = self.task_id, self.params
+        with torch.enable_grad():
+            logits = learner.model(mx)
+            per_sample = F.cross_entropy(learner.masked(logits, mt if learner.masks else None), my,
+                                         reduction="none")
+            counts = torch.zeros(tasks, device=mx.device).index_add_(0, mt, torch.ones_like(per_sample)).clamp_min(1)
+            losses = torch.zeros(tasks, device=mx.device).index_add_(0, mt, per_sample) / counts
+            grads = torch.autograd.grad(losses, params, grad_outputs=torch.eye(tasks, device=mx.device),
+                                        is_grads_batched=True, allow_unused=True)
+        return torch.cat([(g if g is not None else torch.zeros((tasks, *p.shape), device=p.device))
+                          .reshape(tasks, -1) for g, p in zip(grads, params)], dim=1)
+
+    def after_backward(self) -> None:
+        if self.task_id == 0:
+            return
+        G = self.past_gradients()
+        params = self.params
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        g = torch.cat([gr.reshape(-1) for gr in grads])
+        new, projected = gem_project(g, G, self.margin)
+        if not projected:
+            return
+        self.projections += 1
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = new[offset:offset + n].view_as(p).clone()
+            offset += n
+
+    def after_step(self) -> None:
+        x, y = self._pending
+        self._pending = None
+        self.memory.add(x, y, self.task_id)
+
+    def state_dict(self):
+        return {"memory": self.memory.state_dict()}
+
+    def load_state_dict(self, state) -> None:
+        self.memory.load_state_dict(state["memory"])
+
+
+@ALGORITHMS.register("gem", backend="torch")
+class GEM(TorchLearner):
+    part_classes = (GEMPart,)

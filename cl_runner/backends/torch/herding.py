@@ -1,0 +1,123 @@
+"""Exemplar sets chosen per class, as iCaRL keeps them (Rebuffi et al. 2017, Algorithms 4 and 5).
+
+The memory holds, for every class seen, an *ordered* list of exemplars: the first k of a class's
+list are its best k exemplars, so shrinking a class to m exemplars keeps the first m (the paper's
+ReduceExemplarSet). Two ways of choosing them (``policy``):
+
+* ``herding``: the paper's ConstructExemplarSet. With phi the L2-normalised features of the
+  class's samples and mu their mean, the k-th exemplar is
+
+      p_k = argmin_x || mu - (phi(x) + sum_{j<k} phi(p_j)) / k ||,
+
+  each sample chosen at most once. The running mean of the exemplars then tracks the class mean
+  as closely as a greedy choice can.
+* ``random``: a uniformly random ordering (a baseline to compare herding with).
+
+The choice is one array operation per exemplar over all of the class's candidates, on the device.
+The stored images are the raw uint8 arrays (a few bytes per pixel), so the memory costs what the
+images cost and is turned into model inputs with the learner's own normalisation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from cl_runner.errors import ConfigError
+
+EXEMPLAR_POLICIES = ("herding", "random")
+
+
+@torch.no_grad()
+def herding_order(features: torch.Tensor, m: int) -> torch.Tensor:
+    """Indices of ``m`` rows of ``features`` (n, d) chosen greedily by herding, in the order chosen.
+
+    ``features`` are used as given (iCaRL passes L2-normalised ones). ``m`` larger than n is cut
+    to n.
+    """
+    n = features.shape[0]
+    m = min(int(m), n)
+    feats = features.to(torch.float64)
+    mu = feats.mean(0)
+    chosen = torch.empty(m, dtype=torch.long, device=features.device)
+    taken = torch.zeros(n, dtype=torch.bool, device=features.device)
+    running = torch.zeros_like(mu)  # sum of the chosen exemplars' features
+    for k in range(1, m + 1):
+        # Distance between the class mean and the mean the exemplars would have with each candidate.
+        dist = (mu - (running + feats) / k).pow(2).sum(1)
+        dist.masked_fill_(taken, float("inf"))
+        i = torch.argmin(dist)
+        chosen[k - 1] = i
+        taken[i] = True
+        running += feats[i]
+    return chosen
+
+
+def l2_normalize(features: torch.Tensor) -> torch.Tensor:
+    return features / features.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+class ExemplarMemory:
+    """Ordered exemplar sets of every seen class: raw images (uint8, host), labels and task ids."""
+
+    def __init__(self, capacity: int, policy: str = "herding", seed: int = 0):
+        if policy not in EXEMPLAR_POLICIES:
+            raise ConfigError(f"exemplar policy '{policy}' is not one of {', '.join(EXEMPLAR_POLICIES)}.")
+        if capacity <= 0:
+            raise ConfigError(f"an exemplar memory needs a positive size, got {capacity}.")
+        self.capacity = int(capacity)
+        self.policy = policy
+        self.generator = torch.Generator().manual_seed(seed)
+        # class -> (images (k, C, H, W) uint8, task id), the images in priority order.
+        self.sets: dict[int, tuple[np.ndarray, int]] = {}
+
+    @property
+    def classes(self) -> list[int]:
+        return list(self.sets)
+
+    def __len__(self) -> int:
+        return sum(len(x) for x, _ in self.sets.values())
+
+    def per_class(self, num_classes: int) -> int:
+        """m = K / (classes seen), the exemplars each class may keep."""
+        m = self.capacity // num_classes
+        if m < 1:
+            raise ConfigError(f"an exemplar memory of {self.capacity} samples cannot keep one exemplar "
+                              f"of each of {num_classes} classes; raise algo.mem_size.")
+        return m
+
+    def reduce(self, m: int) -> None:
+        """Keep the first ``m`` exemplars of every class (the paper's ReduceExemplarSet)."""
+        self.sets = {c: (x[:m], t) for c, (x, t) in self.sets.items()}
+
+    def select(self, features: torch.Tensor, m: int) -> np.ndarray:
+        """Indices (host) of the ``m`` exemplars to keep among a class's samples, best first."""
+        if self.policy == "herding":
+            return herding_order(l2_normalize(features), m).cpu().numpy()
+        n = features.shape[0]
+        return torch.randperm(n, generator=self.generator)[: min(m, n)].numpy()
+
+    def add_class(self, cls: int, images: np.ndarray, task_id: int) -> None:
+        self.sets[int(cls)] = (np.ascontiguousarray(images), int(task_id))
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """All exemplars as (images, labels, task ids), class after class."""
+        if not self.sets:
+            return None
+        xs = [x for x, _ in self.sets.values()]
+        ys = [np.full(len(x), c, dtype=np.int64) for c, (x, _) in self.sets.items()]
+        ts = [np.full(len(x), t, dtype=np.int64) for x, t in self.sets.values()]
+        return np.concatenate(xs), np.concatenate(ys), np.concatenate(ts)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"capacity": self.capacity, "policy": self.policy, "generator": self.generator.get_state(),
+                "sets": {c: (x.copy(), t) for c, (x, t) in self.sets.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["capacity"] != self.capacity or state["policy"] != self.policy:
+            raise ValueError(f"exemplar memory state of a {state['policy']} memory of {state['capacity']} "
+                             f"cannot be loaded into a {self.policy} memory of {self.capacity}")
+        self.generator.set_state(state["generator"])
+        self.sets = {int(c): (np.asarray(x), int(t)) for c, (x, t) in state["sets"].items()}
