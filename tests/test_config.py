@@ -113,7 +113,7 @@ def test_bad_values_name_the_key(cfg, key, words):
     ({"benchmark": {"name": "rotatedmnistt"}}, "unknown benchmark 'rotatedmnistt'. Did you mean 'rotatedmnist'?"),
     ({"algo": {"name": "ewcc"}}, "unknown algorithm 'ewcc'. Did you mean 'ewc'?"),
     ({"optimizer": {"type": "adamw"}}, "unknown optimizer 'adamw'. Did you mean 'adam'?"),
-    ({"backbone": {"type": "resnet"}}, "unknown backbone 'resnet'. Valid backbones: cnn, mlp."),
+    ({"backbone": {"type": "resnet"}}, "unknown backbone 'resnet'. Did you mean 'resnet18'? Valid backbones: cnn, mlp, resnet18."),
     ({"backend": {"name": "tf"}}, "unknown backend 'tf'. Valid backends: jax, torch."),
 ])
 def test_unknown_names_are_checked_against_registries(cfg, words):

@@ -67,7 +67,7 @@ def test_expected_run_prints_pass_or_fail(tmp_path, tiny_data_dir):
     assert res["config"]["optimizer"]["lr"] == 0.03
     assert res["config"]["benchmark"]["normalize"] is False
     e = res["expected"]
-    assert e["expected"] == 19.60 and e["tolerance"] == 1.5
+    assert e["expected"] == 19.60 and e["tolerance"] == 3.0
     assert e["measured"] == pytest.approx(res["avg_acc"])
     assert e["status"] == ("PASS" if abs(res["avg_acc"] - 19.60) <= 1.5 else "FAIL")
     assert f"measured {res['avg_acc']:.2f}: {e['status']}" in " ".join(proc.stdout.split())

@@ -668,19 +668,20 @@ def test_final_accuracy_matches_pytorch_on_permuted_mnist(permuted_mnist, name, 
     assert abs(j_acc - t_acc) <= PARITY_TOLERANCE, (name, t_acc, j_acc)
 
 
-def test_batch_fisher_matches_pytorch():
+@pytest.mark.parametrize("kind", ["batch", "weighted"])
+def test_batch_and_weighted_fisher_match_pytorch(kind):
     stream = tiny_stream(num_tasks=2, scenario="task_il", n_train=30, side=8)
     tl = torch_learner(stream, "ewc")
     jl = copy_torch_weights(tl, jax_learner(stream, "ewc"))
     task = stream.tasks[1]
     tt = torch.full((30,), task.id)
     expected_list = torch_fisher(tl, tl.to_input(task.train_x), torch.from_numpy(task.train_y), tt,
-                                 batch_size=8, kind="batch")
+                                 batch_size=8, kind=kind)
     layers = torch_layers(tl.model)
     expected = torch_to_tree([(expected_list[2 * i], expected_list[2 * i + 1]) for i in range(len(layers))],
                              jl.params)
     got = fisher_diagonal(jl, jl.params, jl.to_input(task.train_x), jnp.asarray(task.train_y, jnp.int32),
-                          jnp.full((30,), task.id, jnp.int32), batch_size=8, kind="batch")
+                          jnp.full((30,), task.id, jnp.int32), batch_size=8, kind=kind)
     assert_tree_close(got, expected, rtol=1e-4, atol=1e-12)
 
 

@@ -349,6 +349,30 @@ def test_joint_trains_on_the_union_of_seen_tasks():
 
 
 @pytest.mark.parametrize("scenario", ["domain_il", "task_il"])
+def test_weighted_fisher_weights_each_sample_by_its_probability(scenario):
+    """fisher: weighted (Mammoth's online EWC): mean_i p(y_i | x_i) g_i^2, by a per-sample loop."""
+    stream = tiny_stream(num_tasks=3, scenario=scenario, n_train=37)
+    learner = learner_for(stream)
+    task = stream.tasks[1]
+    x = learner.to_input(task.train_x)
+    y = torch.from_numpy(task.train_y)
+    t = torch.full((len(y),), task.id) if learner.masks else None
+    got = fisher_diagonal(learner, x, y, t, batch_size=8, kind="weighted")
+    params = list(learner.model.parameters())
+    expected = [torch.zeros_like(p) for p in params]
+    for i in range(len(x)):
+        logits = learner.masked(learner.model(x[i:i + 1]), t[i:i + 1] if t is not None else None)
+        loss = F.cross_entropy(logits, y[i:i + 1])
+        prob = float(torch.exp(-loss.detach()))
+        for acc, g in zip(expected, torch.autograd.grad(loss, params)):
+            acc += prob * g * g
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e / len(x), rtol=1e-4, atol=1e-12)
+    plain = fisher_diagonal(learner, x, y, t, batch_size=8)
+    assert all(bool((g <= p + 1e-12).all()) for g, p in zip(got, plain))  # p <= 1
+
+
+@pytest.mark.parametrize("scenario", ["domain_il", "task_il"])
 def test_batch_fisher_is_the_squared_mean_gradient(scenario):
     """fisher: batch (GEM's EWC): (d/dtheta mean_i loss_i)^2, whatever the chunk size."""
     stream = tiny_stream(num_tasks=3, scenario=scenario, n_train=37)

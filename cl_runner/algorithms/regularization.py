@@ -25,7 +25,9 @@ class OnlineEWCConfig(AlgoConfig):
     # Training samples of each task used to estimate its Fisher (null: all of them).
     fisher_samples: Optional[int] = 1024
     fisher_batch_size: int = 256
-    # empirical: gradients at the true labels; true: at labels sampled from the model.
+    # empirical: gradients at the true labels; true: at labels sampled from the model;
+    # weighted: empirical, each sample's squared gradient weighted by p(y | x) (Mammoth's online EWC);
+    # batch: the squared gradient of the mean loss (GEM's EWC baseline).
     fisher: str = "empirical"
 
     @staticmethod
@@ -63,6 +65,10 @@ class MASConfig(AlgoConfig):
     mas_batch_size: int = 256
 
 
+#: Estimators of the diagonal Fisher (see the torch and jax ``fisher_diagonal``).
+FISHER_KINDS = ("empirical", "true", "weighted", "batch")
+
+
 def _check_fisher(algo) -> None:
-    if algo.fisher not in ("empirical", "true", "batch"):
-        raise ConfigError(f"config key 'algo.fisher': '{algo.fisher}' is not one of empirical, true, batch.")
+    if algo.fisher not in FISHER_KINDS:
+        raise ConfigError(f"config key 'algo.fisher': '{algo.fisher}' is not one of {', '.join(FISHER_KINDS)}.")

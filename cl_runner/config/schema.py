@@ -47,6 +47,11 @@ class BenchmarkConfig:
     pad_to: Optional[int] = None
     # Cache built task tensors on disk, keyed by every parameter above.
     cache: bool = True
+    # Train-time augmentation on the device, per training batch: a random crop of the image's
+    # size from the image zero-padded by crop_padding pixels per side, then a horizontal flip
+    # with probability 1/2 (the standard CIFAR / Tiny ImageNet recipe). Evaluation never augments.
+    augment: bool = False
+    crop_padding: int = 4
 
 
 @dataclass
@@ -62,6 +67,14 @@ class BackboneConfig:
     # Weight initialisation: default (PyTorch's: U(+-1/sqrt(fan_in)) for weights and biases) or
     # xavier_uniform (Glorot: U(+-sqrt(6 / (fan_in + fan_out))) weights, zero biases; GEM's MLP).
     init: str = "default"
+    # Output layer: fixed (one layer over every unit), incremental (class-IL, domain-IL: units added
+    # when new classes appear) or multihead (task-IL: a head added per task); torch backend.
+    head: str = "fixed"
+    # resnet18: base filters (20: the reduced ResNet-18 of GEM / A-GEM; 64: the full one of DER).
+    nf: int = 64
+    # resnet18: fp32, or bf16 (bfloat16 mixed precision: convolutions in bf16, parameters,
+    # batch-norm statistics and the head in float32; meant for GPUs).
+    precision: str = "fp32"
 
 
 @dataclass
@@ -128,6 +141,10 @@ class ExpectedConfig:
 @dataclass
 class RunConfig:
     seed: int = 0
+    # Several seeds in one run, e.g. [0,1,2,3,4]; when set it replaces ``seed``. The jax backend
+    # trains them together (one vmapped program per epoch), torch one after another; each seed
+    # writes seed=<s>/results.json, and aggregate.json holds the mean and std over seeds.
+    seeds: Optional[List[int]] = None
     data_dir: Optional[str] = None
     cache_dir: Optional[str] = None
     # auto | cpu | cuda | cuda:N

@@ -164,6 +164,11 @@ def build_backbone(cfg, input_shape, num_outputs: int, conv_impl: str = "lax") -
     """The backbone ``cfg.type``. ``conv_impl`` ("lax" or "im2col", see :class:`Conv`) only
     changes how convolutions are computed: the parameter tree and the function are the same, so
     modules built with either can share parameters."""
+    if getattr(cfg, "head", "fixed") != "fixed":
+        from cl_runner.errors import ConfigError
+
+        raise ConfigError(f"backbone.head={cfg.head} is implemented on the torch backend only; use "
+                          f"backend=torch or backbone.head=fixed.")
     return BACKBONES.get(cfg.type, backend="jax")(cfg, tuple(input_shape), num_outputs, conv_impl=conv_impl)
 
 
@@ -182,6 +187,9 @@ def init_params(model: Backbone, input_shape, seed: int, init: str = "default"):
     rng = np.random.default_rng([seed, 5489])
 
     def layer(node):
+        if "scale" in node and not isinstance(node["scale"], dict):  # batch norm: scale 1, shift 0
+            return {name: (np.ones if name == "scale" else np.zeros)(leaf.shape, leaf.dtype)
+                    for name, leaf in node.items()}
         if "kernel" in node and not isinstance(node["kernel"], dict):
             shape = node["kernel"].shape
             fan_in = int(math.prod(shape[:-1]))
@@ -203,3 +211,6 @@ def parameter_layers(params) -> list[tuple[str, ...]]:
     """Paths of the parameterised layers in forward order: ("features", "layers_0"), ..., ("head",)."""
     names = sorted(params.get("features", {}), key=lambda k: int(k.split("_")[1]))
     return [("features", n) for n in names] + [("head",)]
+
+
+from cl_runner.backends.jax import resnet  # noqa: E402,F401  (registers resnet18)

@@ -36,10 +36,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cl_runner.backends.jax.augment import augment_settings, random_crop_flip
 from cl_runner.backends.jax.backbones import build_backbone, init_params
 from cl_runner.backends.jax.optim import build_optimizer, get_lr, set_lr, task_lr
 from cl_runner.core.learner import Learner
-from cl_runner.errors import TrainingDivergedError
+from cl_runner.errors import ConfigError, TrainingDivergedError
 from cl_runner.registry import ALGORITHMS
 
 
@@ -54,7 +55,7 @@ class Part:
     ``state`` is a pytree of arrays that the learner passes into the compiled training program
     and takes back from it. The host-side hooks (``on_before_task``, ``on_after_training``) run
     between programs and may replace ``self.state``. The traced hooks (``extra_loss``,
-    ``adjust_grads``, ``after_step``) are pure functions: they must read whatever changes
+    ``adjust_grads``, ``after_step``, ``after_batch``) are pure functions: they must read whatever changes
     between tasks from their ``state`` argument, never from ``self`` (a value read from ``self``
     inside them would be frozen into the compiled program).
     """
@@ -79,7 +80,16 @@ class Part:
         return grads
 
     def after_step(self, old_params, new_params, grads, state):
-        """The part's new state after an optimizer step (traced)."""
+        """The part's new state after an optimizer step (traced). ``grads`` is the gradient of
+        the step's loss (task loss and parts' ``extra_loss``), before any part's
+        ``adjust_grads`` (penalty gradients, projections)."""
+        return state
+
+    def after_batch(self, state, x, y, t, logits, weights):
+        """The part's new state once the step on the stream batch (x, y, task ids t or None)
+        is done (traced): what a replay memory stores. ``logits`` are the batch's logits of
+        the step's forward pass (before the update); ``weights`` None, or 0 for the padding
+        of a padded last batch."""
         return state
 
     def state_dict(self) -> dict[str, Any]:
@@ -190,6 +200,12 @@ class JaxLearner(Learner):
         self._loss_parts = [(i, p) for i, p in enumerate(self.parts) if _overrides(p, "extra_loss")]
         self._grad_parts = [(i, p) for i, p in enumerate(self.parts) if _overrides(p, "adjust_grads")]
         self._step_parts = [(i, p) for i, p in enumerate(self.parts) if _overrides(p, "after_step")]
+        self._batch_parts = [(i, p) for i, p in enumerate(self.parts) if _overrides(p, "after_batch")]
+        # Batch norm (resnet18): the running averages are the state of a BatchStats part, so they
+        # pass through the compiled epoch, checkpoints and stacked seeds like any part's state.
+        self._stats_index = BatchStats.attach(self, stream.input_shape)
+        # benchmark.augment: (padding, fill) of the random crop + flip of each training batch.
+        self._augment = augment_settings(cfg.benchmark, self._mean, self._std)
         self._epoch_fn = jax.jit(self._epoch_program)
         self._eval_fn = jax.jit(self._eval_program)
 
@@ -266,8 +282,26 @@ class JaxLearner(Learner):
         return jnp.sum(losses * weights) / jnp.sum(weights)
 
     def loss(self, params, part_states, x, y, t, weights, mask_table, dropout_key):
+        return self.loss_and_logits(params, part_states, x, y, t, weights, mask_table, dropout_key)[0]
+
+    def loss_and_logits(self, params, part_states, x, y, t, weights, mask_table, dropout_key):
+        """The step's loss and the stream batch's logits (given to the parts' ``after_batch``)."""
         rngs = {"dropout": dropout_key} if dropout_key is not None else None
         logits = self.model.apply({"params": params}, x, train=True, rngs=rngs)
+        return self.loss_from_logits(params, part_states, x, y, t, weights, mask_table, logits), logits
+
+    def loss_logits_and_stats(self, params, part_states, x, y, t, weights, mask_table, dropout_key):
+        """``loss_and_logits`` for a model with batch norm: the forward pass normalises with the
+        batch's own statistics and also returns the updated running averages (aux: (logits,
+        batch_stats)). The padding of a padded last batch enters the batch statistics."""
+        rngs = {"dropout": dropout_key} if dropout_key is not None else None
+        variables = {"params": params, "batch_stats": part_states[self._stats_index]}
+        logits, updated = self.model.apply(variables, x, train=True, rngs=rngs, mutable=["batch_stats"])
+        loss = self.loss_from_logits(params, part_states, x, y, t, weights, mask_table, logits)
+        return loss, (logits, updated["batch_stats"])
+
+    def loss_from_logits(self, params, part_states, x, y, t, weights, mask_table, logits):
+        """The task loss at ``logits`` plus the parts' ``extra_loss`` terms."""
         loss = self.criterion(logits, y, t, mask_table, weights)
         for i, p in self._loss_parts:
             extra = p.extra_loss(params, part_states[i], x, y, logits, weights)
@@ -283,17 +317,30 @@ class JaxLearner(Learner):
         if self.dropout:
             key, dropout_key = jax.random.split(key)
         xb, yb = x[batch], y[batch]
+        if self._augment is not None:
+            key, augment_key = jax.random.split(key)
+            xb = random_crop_flip(augment_key, xb, *self._augment)
         tb = t[batch] if t is not None else None
-        loss, grads = jax.value_and_grad(self.loss)(params, part_states, xb, yb, tb, weights, mask_table,
-                                                    dropout_key)
+        if self._stats_index is None:
+            (loss, logits), loss_grads = jax.value_and_grad(self.loss_and_logits, has_aux=True)(
+                params, part_states, xb, yb, tb, weights, mask_table, dropout_key)
+        else:
+            (loss, (logits, stats)), loss_grads = jax.value_and_grad(self.loss_logits_and_stats, has_aux=True)(
+                params, part_states, xb, yb, tb, weights, mask_table, dropout_key)
+            i = self._stats_index
+            part_states = (*part_states[:i], stats, *part_states[i + 1:])
+        grads = loss_grads
         for i, p in self._grad_parts:
             grads = p.adjust_grads(params, part_states[i], grads)
         updates, opt_state = self.tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
-        if self._step_parts:
+        if self._step_parts or self._batch_parts:
             part_states = list(part_states)
             for i, p in self._step_parts:
-                part_states[i] = p.after_step(params, new_params, grads, part_states[i])
+                part_states[i] = p.after_step(params, new_params, loss_grads, part_states[i])
+            for i, p in self._batch_parts:
+                part_states[i] = p.after_batch(part_states[i], xb, yb, tb, jax.lax.stop_gradient(logits),
+                                               weights)
             part_states = tuple(part_states)
         return (new_params, opt_state, part_states, key), loss
 
@@ -324,14 +371,23 @@ class JaxLearner(Learner):
         n = int(self.train_y.shape[0])
         if n == 0:
             return {"steps": 0, "loss": float("nan")}
-        num_batches = math.ceil(n / self.batch_size)
+        start = time.perf_counter()
+        carry, losses = self._epoch_fn(*self.epoch_inputs())
+        losses = np.asarray(losses)  # waits for the epoch
+        return self.finish_epoch(task, epoch, carry, losses, time.perf_counter() - start)
+
+    def epoch_inputs(self) -> tuple:
+        """The arguments of the epoch program: (carry, x, y, task ids, mask table), where carry
+        is (params, optimizer state, the parts' states, PRNG key). jax/seeds.py stacks these
+        over seeds to run one vmapped program for all of them."""
+        carry = (self.params, self.opt_state, tuple(p.state for p in self.parts), self.key)
+        return carry, self.train_x, self.train_y, self.train_t, self.mask_table
+
+    def finish_epoch(self, task, epoch: int, carry, losses: np.ndarray, elapsed: float) -> dict:
+        """Take back the epoch program's new carry and per-step losses (NumPy); check, report."""
+        num_batches = len(losses)
         loop = self.loop
         base_step = loop.state.global_step if loop is not None else 0
-        start = time.perf_counter()
-        carry = (self.params, self.opt_state, tuple(p.state for p in self.parts), self.key)
-        carry, losses = self._epoch_fn(carry, self.train_x, self.train_y, self.train_t, self.mask_table)
-        losses = np.asarray(losses)  # waits for the epoch
-        elapsed = time.perf_counter() - start
         self.params, self.opt_state, part_states, self.key = carry
         for p, s in zip(self.parts, part_states):
             p.state = s
@@ -360,21 +416,39 @@ class JaxLearner(Learner):
 
     # -- evaluation --------------------------------------------------------------------------
     def _eval_program(self, params, x, y, mask_table, task_id):
-        """Number of correct predictions over batches x: (B, bs, ...), y: (B, bs)."""
+        """Number of correct predictions over batches x: (B, bs, ...), y: (B, bs). ``params``:
+        see ``eval_params``."""
         self.trace_counts["eval"] += 1
+        variables = self._variables(params)
 
         def batch(args):
             xb, yb = args
-            logits = self.eval_model.apply({"params": params}, xb, train=False)
+            logits = self.eval_model.apply(variables, xb, train=False)
             if self.masks:
                 logits = jnp.where(mask_table[task_id], logits, -jnp.inf)
             return jnp.sum(jnp.argmax(logits, axis=1) == yb)
 
         return jnp.sum(jax.lax.map(batch, (x, y)))
 
+    def eval_params(self):
+        """What evaluation reads: the parameters, or for a model with batch norm
+        {"params": parameters, "batch_stats": running averages}."""
+        if self._stats_index is None:
+            return self.params
+        return {"params": self.params, "batch_stats": self.parts[self._stats_index].state}
+
+    def _variables(self, params) -> dict:
+        if self._stats_index is None:
+            return {"params": params}
+        if "batch_stats" not in params:
+            raise ConfigError("this backbone has batch norm, whose running averages the JAX backend "
+                              "does not yet evaluate in one program for several seeds; run the seeds "
+                              "one per run (seed=<s>) or use backend=torch.")
+        return params
+
     def predict(self, x, task_id: int | None = None) -> jax.Array:
         """Predicted output units for normalised inputs ``x`` (N, C, H, W)."""
-        logits = self.eval_model.apply({"params": self.params}, x, train=False)
+        logits = self.eval_model.apply(self._variables(self.eval_params()), x, train=False)
         if self.masks and task_id is not None:
             logits = jnp.where(self.mask_table[task_id], logits, -jnp.inf)
         return jnp.argmax(logits, axis=1)
@@ -384,7 +458,7 @@ class JaxLearner(Learner):
         for task in tasks:  # dispatch every task, then wait
             x, y = self.test_arrays(task)
             task_id = self.put(np.int32(task.id))
-            pending.append((task, self._eval_fn(self.params, x, y, self.mask_table, task_id)))
+            pending.append((task, self._eval_fn(self.eval_params(), x, y, self.mask_table, task_id)))
         return {task.id: 100.0 * int(correct) / max(task.num_test, 1) for task, correct in pending}
 
     # -- state -------------------------------------------------------------------------------
@@ -405,6 +479,26 @@ class JaxLearner(Learner):
 
     def num_parameters(self) -> int:
         return int(sum(np.prod(a.shape) for a in jax.tree_util.tree_leaves(self.params)))
+
+
+class BatchStats(Part):
+    """The running averages of the model's batch norms (the ``batch_stats`` collection) as a
+    part's state; the learner updates it in ``train_step`` and reads it in evaluation."""
+
+    def __init__(self, learner: "JaxLearner", stats):
+        super().__init__(learner, None)
+        self.state = learner.put(stats)
+
+    @classmethod
+    def attach(cls, learner: "JaxLearner", input_shape) -> int | None:
+        """Add the part to ``learner`` when its model has batch norm; its index in ``parts``."""
+        from cl_runner.backends.jax.resnet import init_batch_stats
+
+        stats = init_batch_stats(learner.model, input_shape)
+        if not stats:
+            return None
+        learner.parts.append(cls(learner, stats))
+        return len(learner.parts) - 1
 
 
 def _plugin_class(name: str) -> type[Part]:

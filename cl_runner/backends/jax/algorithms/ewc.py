@@ -49,6 +49,10 @@ def _fisher_mean(learner: JaxLearner, batch_size: int, kind: str, params, x, y, 
             logits = learner.masked(logits, tb, mask_table)
             yb = jax.random.categorical(kb, logits, axis=-1).astype(yb.dtype)
         grads = per_sample(params, xb, yb, tb)
+        if kind == "weighted":  # each sample's squared gradient weighted by p(y | x)
+            logits = learner.model.apply({"params": params}, xb, train=False)
+            logits = learner.masked(logits, tb, mask_table)
+            wb = wb * jnp.exp(-cross_entropy(logits, yb))
 
         def add(s, g):
             w = wb.reshape((-1,) + (1,) * (g.ndim - 1))
