@@ -59,6 +59,8 @@ def run_experiment(cfg: DictConfig | dict, output_dir: str | os.PathLike, consol
     for plugin in typed.algo.plugins:
         PLUGINS.get(plugin, backend=typed.backend.name)
     BACKBONES.get(typed.backbone.type, backend=typed.backend.name)
+    if typed.seeds is not None:
+        return run_seeds(typed, out, console, err_console, callbacks, cpu_count, t_start)
     device = backend.resolve_device(typed.device)
     seed = int(typed.seed)
     train_threads, eval_threads = choose_threads(typed.threads, typed.backbone, typed.benchmark.batch_size,
@@ -99,6 +101,25 @@ def run_experiment(cfg: DictConfig | dict, output_dir: str | os.PathLike, consol
                               f"clrun <same overrides> resume={out}", highlight=False)
         raise
 
+    results = collect_results(typed, state, learner, device, backend, stream, config, data_time, t_start,
+                              (train_threads, eval_threads))
+    path = Path(out) / typed.results_file
+    atomic_write_json(path, results)
+    for logger in loggers:
+        logger.log_final(results)
+        logger.close()
+    print_summary(_jsonable(results), console)
+    if results["expected"] is not None:
+        print_expected(results["expected"], console)
+    console.print(f"results: {path}", highlight=False)
+    return results
+
+
+def collect_results(typed, state, learner, device, backend, stream, config: dict, data_time: float,
+                    t_start: float, threads: tuple[int, int]) -> dict:
+    """The results.json of one run (one seed) from its loop state."""
+    train_threads, eval_threads = threads
+    seed = int(typed.seed)
     summary = metrics.summarize(state.acc_matrix, state.initial_acc)
     total_steps = sum(state.steps_per_task)
     train_time = sum(state.train_time_s)
@@ -130,15 +151,6 @@ def run_experiment(cfg: DictConfig | dict, output_dir: str | os.PathLike, consol
         "versions": {**versions.collect(), **backend.versions()},
     }
     results["expected"] = check_expected(typed, results)
-    path = Path(out) / typed.results_file
-    atomic_write_json(path, results)
-    for logger in loggers:
-        logger.log_final(results)
-        logger.close()
-    print_summary(_jsonable(results), console)
-    if results["expected"] is not None:
-        print_expected(results["expected"], console)
-    console.print(f"results: {path}", highlight=False)
     return results
 
 
@@ -201,3 +213,160 @@ def print_expected(e: dict, console: Console) -> None:
     console.print(f"expected {e['metric']} {e['expected']:.2f} +- {e['tolerance']:.2f}"
                   f" ({e['source'] or 'no source given'}); measured {measured}: "
                   f"[bold {colour}]{e['status']}[/]{note}", highlight=False)
+
+
+# -- several seeds in one run (``seeds=[...]``) ---------------------------------------------------
+
+#: The metrics aggregate.json summarises over seeds.
+AGGREGATE_METRICS = ("avg_acc", "forgetting", "bwt", "fwt")
+
+
+def run_seeds(typed, out: Path, console: Console, err_console: Console, callbacks, cpu_count,
+              t_start: float) -> dict:
+    """Run every seed of ``typed.seeds`` (which replaces ``seed``), each as the single run of that
+    seed would be, in ``<out>/seed=<s>/``; write ``<out>/aggregate.json`` and print the table.
+
+    backend=jax trains the seeds together (cl_runner/backends/jax/seeds.py) unless the algorithm
+    cannot be vectorised; torch runs them one after another. Returns the aggregate, whose
+    ``avg_acc``, ``forgetting``, ``bwt`` and ``fwt`` are the means over seeds (a sweep's objective).
+    """
+    seeds = [int(s) for s in typed.seeds]
+    base = OmegaConf.to_container(typed, resolve=True)
+    seed_configs = []
+    for s in seeds:
+        c = OmegaConf.to_container(OmegaConf.create(base))
+        c["seed"], c["seeds"] = s, None
+        seed_configs.append(c)
+    reason = None
+    if typed.backend.name == "jax":
+        from cl_runner.backends.jax.seeds import vectorization_blocker
+
+        reason = vectorization_blocker(ALGORITHMS.get(typed.algo.name, backend="jax"),
+                                       [PLUGINS.get(p, backend="jax") for p in typed.algo.plugins])
+        if reason:
+            err_console.print(f"{len(seeds)} seeds one after another: {reason}.", highlight=False)
+    else:
+        err_console.print(f"{len(seeds)} seeds one after another (the {typed.backend.name} backend runs "
+                          f"seeds sequentially; backend=jax trains them together).", highlight=False)
+    compilations = None
+    if typed.backend.name == "jax" and reason is None:
+        per_seed, compilations = _run_vectorized(typed, seeds, seed_configs, out, err_console, callbacks,
+                                                 cpu_count, t_start)
+    else:
+        per_seed = [run_experiment(c, out / f"seed={s}", console=console, callbacks=callbacks,
+                                   cpu_count=cpu_count) for s, c in zip(seeds, seed_configs)]
+    aggregate = aggregate_results(per_seed)
+    aggregate.update(vectorized=compilations is not None, compilations=compilations,
+                     total_time_s=time.perf_counter() - t_start,
+                     runs=[f"seed={s}/{typed.results_file}" for s in seeds])
+    aggregate["expected"] = check_expected(typed, aggregate)
+    path = Path(out) / "aggregate.json"
+    atomic_write_json(path, aggregate)
+    print_aggregate(aggregate, console)
+    if aggregate["expected"] is not None:
+        print_expected(aggregate["expected"], console)
+    console.print(f"aggregate: {path}", highlight=False)
+    return aggregate
+
+
+def _run_vectorized(typed, seeds, seed_configs, out: Path, err_console: Console, callbacks, cpu_count,
+                    t_start: float) -> tuple[list[dict], dict]:
+    """All seeds on the jax backend as one vmapped program per epoch; (per-seed results,
+    compilation counts). Seeds whose streams are the same share one stream object."""
+    from cl_runner.backends.jax.seeds import SeedGroup
+    from cl_runner.benchmarks.builder import cache_key
+
+    backend = load_backend("jax")
+    device = backend.resolve_device(typed.device)
+    train_threads, eval_threads = choose_threads(typed.threads, typed.backbone, typed.benchmark.batch_size,
+                                                 cpu_count=cpu_count)
+    backend.seed_everything(seeds[0], typed.backend.deterministic)
+    streams: dict[str, object] = {}
+    runs, loops = [], []
+    for i, (s, c) in enumerate(zip(seeds, seed_configs)):
+        typed_s, _ = validate_config(c)
+        key = cache_key(typed_s.benchmark, s)
+        t0 = time.perf_counter()
+        if key not in streams:
+            streams[key] = build_stream(typed_s.benchmark, s, typed_s.data_dir, typed_s.cache_dir)
+            err_console.print(f"seed {s}: {streams[key].describe()} (ready in {time.perf_counter() - t0:.1f}s)",
+                              highlight=False)
+        stream = streams[key]
+        data_time = time.perf_counter() - t0
+        learner = backend.build_learner(typed_s, stream, device, s)
+        if device.type == "cpu" and hasattr(learner, "set_threads"):
+            learner.set_threads(train_threads, eval_threads)
+        run_out = check_writable(Path(out) / f"seed={s}")
+        config = OmegaConf.to_container(typed_s, resolve=True)
+        loggers = build_loggers([n for n in typed_s.loggers if n != "console"], run_out, typed_s)
+        show = "console" in typed_s.loggers and i == 0  # one progress display for the group
+        cbs = [RichProgress(err_console, live=typed_s.progress)] if show else []
+        cbs += [*loggers, *(callbacks or [])]
+        if typed_s.checkpoint:
+            cbs.append(CheckpointCallback(run_out / checkpoint.FILENAME, config))
+        loops.append(ContinualLoop(learner, stream, cbs, epochs_per_task=typed_s.training.epochs_per_task,
+                                   eval_on=typed_s.training.eval_on, eval_initial=typed_s.training.eval_initial))
+        runs.append((typed_s, run_out, loggers, cbs, config, data_time))
+    err_console.print(f"{len(seeds)} seeds {seeds} trained together (one vmapped program per epoch)",
+                      highlight=False)
+    group = SeedGroup(loops, note=lambda m: err_console.print(m, highlight=False))
+    try:
+        with _sigterm_as_interrupt():
+            states = group.run()
+    except BaseException:
+        for (_, _, _, cbs, _, _), loop in zip(runs, loops):
+            for cb in cbs:
+                cb.on_interrupt(loop)
+        raise
+    per_seed = []
+    for (typed_s, run_out, loggers, _, config, data_time), loop, state in zip(runs, loops, states):
+        results = collect_results(typed_s, state, loop.learner, device, backend, loop.stream, config,
+                                  data_time, t_start, (train_threads, eval_threads))
+        results["vectorized_seeds"] = seeds
+        atomic_write_json(Path(run_out) / typed_s.results_file, results)
+        for logger in loggers:
+            logger.log_final(results)
+            logger.close()
+        per_seed.append(results)
+    return per_seed, group.compilations()
+
+
+def aggregate_results(per_seed: list[dict]) -> dict:
+    """Mean and sample standard deviation (ddof=1; None for one seed) over seeds of each metric
+    in AGGREGATE_METRICS, with the per-seed values; the means also as top-level keys."""
+    from cl_runner.report import mean_std
+
+    first = per_seed[0]
+    out = {"seeds": [r["seed"] for r in per_seed], "algo": first["algo"], "benchmark": first["benchmark"],
+           "scenario": first["scenario"], "backend": first["backend"], "metrics": {}}
+    for m in AGGREGATE_METRICS:
+        values = [r.get(m) for r in per_seed]
+        known = [float(v) for v in values if v is not None and v == v]
+        mean, std, _ = mean_std(known)
+        entry = {"mean": None if not known else mean, "std": None if len(known) < 2 else std, "values": values}
+        out["metrics"][m] = entry
+        out[m] = entry["mean"]
+    return out
+
+
+def print_aggregate(aggregate: dict, console: Console) -> None:
+    from rich.table import Table
+
+    def fmt(v) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    names = {"avg_acc": "avg acc %", "forgetting": "forgetting %", "bwt": "BWT %", "fwt": "FWT %"}
+    mode = "vectorised" if aggregate.get("vectorized") else "sequential"
+    table = Table(title=f"{aggregate['benchmark']} / {aggregate['algo']} / {aggregate['backend']} "
+                        f"({len(aggregate['seeds'])} seeds, {mode})")
+    table.add_column("seed", justify="right")
+    for m in AGGREGATE_METRICS:
+        table.add_column(names[m], justify="right")
+    for i, s in enumerate(aggregate["seeds"]):
+        table.add_row(str(s), *(fmt(aggregate["metrics"][m]["values"][i]) for m in AGGREGATE_METRICS))
+    cells = []
+    for m in AGGREGATE_METRICS:
+        e = aggregate["metrics"][m]
+        cells.append("-" if e["mean"] is None else fmt(e["mean"]) + ("" if e["std"] is None else f" ± {fmt(e['std'])}"))
+    table.add_row("mean ± std", *cells)
+    console.print(table)

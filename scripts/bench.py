@@ -10,6 +10,10 @@ Rows (PyTorch backend, CPU):
                                               and evaluations on the same tensors
   torch ewc   : clrun algo=ewc             vs the same hand-written loop plus a textbook EWC
                                               (autograd penalty term, vmap per-sample Fisher)
+Row (JAX backend, CPU):
+  jax x5 seeds: clrun backend=jax algo=naive seeds=[0,1,2,3,4] (all five seeds in one vmapped
+                program per epoch) vs clrun backend=jax algo=naive seed=0 (one seed); a ratio
+                below 5 is what training the seeds together saves over running them in turn
 Data rows: building the 20 rotated tasks from the IDX files, and loading them from the cache.
 
     python scripts/bench.py --data-dir ../shared/data            # full reference (~10 min)
@@ -42,7 +46,7 @@ from cl_runner.config import validate_config  # noqa: E402
 from cl_runner.experiment import choose_threads, run_experiment  # noqa: E402
 
 
-def reference_config(args, algo: str) -> dict:
+def reference_config(args, algo: str, backend: str = "torch") -> dict:
     bench = {"name": "rotatedmnist", "num_tasks": args.tasks, "per_task_rotation": 9,
              "batch_size": 10, "eval_batch_size": 1000, "subset": args.subset}
     return {
@@ -51,17 +55,20 @@ def reference_config(args, algo: str) -> dict:
         "backbone": {"type": "mlp", "n_hidden_layers": 2, "width": 256, "dropout": 0.2},
         "optimizer": {"type": "sgd", "lr": 0.01, "momentum": 0.8},
         "algo": {"name": algo},
-        "backend": {"name": "torch"},
+        "backend": {"name": backend},
         "training": {"epochs_per_task": 1, "eval_initial": False},
     }
 
 
-def time_clrun(args, algo: str) -> tuple[float, dict]:
+def time_clrun(args, algo: str, backend: str = "torch", **extra) -> tuple[float, dict]:
     out = tempfile.mkdtemp(prefix=f"bench-{algo}-")
     from rich.console import Console
 
+    cfg = {**reference_config(args, algo, backend), **extra}
+    if backend == "jax":
+        cfg["loggers"], cfg["checkpoint"] = [], False  # time the training, not the files
     t0 = time.perf_counter()
-    results = run_experiment(reference_config(args, algo), out, console=Console(file=open(os.devnull, "w")))
+    results = run_experiment(cfg, out, console=Console(file=open(os.devnull, "w")))
     elapsed = time.perf_counter() - t0
     shutil.rmtree(out, ignore_errors=True)
     return elapsed, results
@@ -160,6 +167,10 @@ def main() -> None:
     base_ewc, _ = hand_written(args, ewc=True)
     clrun_ewc, res_ewc = time_clrun(args, "ewc")
     rows.append(("torch ewc", clrun_ewc, base_ewc, res_ewc))
+    one_seed, res_one = time_clrun(args, "naive", "jax")
+    five_seeds, res_five = time_clrun(args, "naive", "jax", seeds=[0, 1, 2, 3, 4])
+    res_five = {**res_five, "steps_per_s": 5 * res_one["steps"] / five_seeds}  # all seeds' steps
+    rows.append(("jax x5 seeds", five_seeds, one_seed, res_five))
 
     steps = res_naive["steps"]
     print(f"\nreference: rotatedmnist {args.tasks} tasks x {args.subset or 60000} samples, "
@@ -172,6 +183,8 @@ def main() -> None:
               f"{res['avg_acc']:>8.2f}")
         table.append({"case": name, "clrun_s": ours, "baseline_s": base, "ratio": ours / base,
                       "steps_per_s": res["steps_per_s"], "avg_acc": res["avg_acc"]})
+    print("(jax x5 seeds: 'clrun s' is the five seeds trained together, 'baseline s' one seed alone, "
+          "steps/s counts every seed's steps, avg acc is the mean over the seeds)")
     print(f"{'data build':<14} {build_s:>9.1f}")
     print(f"{'data cached':<14} {load_s:>9.1f}")
     if args.json:

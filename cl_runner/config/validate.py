@@ -156,6 +156,8 @@ def _check_values(cfg: Any) -> None:
     threads = cfg.threads
     if not (threads == "auto" or (isinstance(threads, int) and not isinstance(threads, bool) and threads > 0)):
         raise ConfigError(f"config key 'threads': '{threads}' is neither 'auto' nor a positive integer.")
+    if cfg.seeds is not None:
+        check_seeds(cfg)
     if cfg.expected is not None:
         one_of("expected.tier", cfg.expected.tier, EXPECTED_TIERS)
         one_of("expected.metric", cfg.expected.metric, EXPECTED_METRICS)
@@ -165,6 +167,21 @@ def _check_values(cfg: Any) -> None:
         PLUGINS.entry(plugin)
     for logger in cfg.loggers:
         CALLBACKS.entry(logger)
+
+
+def check_seeds(cfg) -> None:
+    """``seeds``: a non-empty list of distinct non-negative integers, without ``resume``."""
+    seeds = list(cfg.seeds)
+    if not seeds:
+        raise ConfigError("config key 'seeds' is an empty list; give seeds such as seeds=[0,1,2], "
+                          "or seeds=null for the single run of 'seed'.")
+    if any(s < 0 for s in seeds):
+        raise ConfigError(f"config key 'seeds': seeds must be non-negative integers, got {seeds}.")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"config key 'seeds' repeats a seed ({seeds}); list each seed once.")
+    if cfg.resume:
+        raise ConfigError("resume cannot be combined with 'seeds': each seed's run is in its own folder "
+                          "seed=<s>; resume one with seed=<s> resume=<run dir>/seed=<s>.")
 
 
 def _check_algo_values(algo, algo_name: str) -> None:
