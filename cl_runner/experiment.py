@@ -83,7 +83,8 @@ def run_experiment(cfg: DictConfig | dict, output_dir: str | os.PathLike, consol
     if typed.checkpoint:
         cbs.append(CheckpointCallback(ckpt_path, config))
     loop = ContinualLoop(learner, stream, cbs, epochs_per_task=typed.training.epochs_per_task,
-                         eval_on=typed.training.eval_on, eval_initial=typed.training.eval_initial)
+                         eval_on=typed.training.eval_on, eval_initial=typed.training.eval_initial,
+                         eval_task_il=typed.training.eval_task_il)
     if typed.resume:
         source = ckpt_path if typed.resume is True else _checkpoint_in(typed.resume)
         checkpoint.restore(checkpoint.load(source), learner, loop.state, config, source)
@@ -150,6 +151,9 @@ def collect_results(typed, state, learner, device, backend, stream, config: dict
         "config": config,
         "versions": {**versions.collect(), **backend.versions()},
     }
+    if state.acc_matrix_task_il is not None:  # training.eval_task_il
+        results.update(metrics.summarize_task_il(state.acc_matrix_task_il),
+                       acc_matrix_task_il=state.acc_matrix_task_il)
     results["expected"] = check_expected(typed, results)
     return results
 
@@ -219,6 +223,8 @@ def print_expected(e: dict, console: Console) -> None:
 
 #: The metrics aggregate.json summarises over seeds.
 AGGREGATE_METRICS = ("avg_acc", "forgetting", "bwt", "fwt")
+#: Also summarised when the runs have them (training.eval_task_il).
+AGGREGATE_TASK_IL_METRICS = ("avg_acc_task_il", "forgetting_task_il", "bwt_task_il")
 
 
 def run_seeds(typed, out: Path, console: Console, err_console: Console, callbacks, cpu_count,
@@ -305,7 +311,8 @@ def _run_vectorized(typed, seeds, seed_configs, out: Path, err_console: Console,
         if typed_s.checkpoint:
             cbs.append(CheckpointCallback(run_out / checkpoint.FILENAME, config))
         loops.append(ContinualLoop(learner, stream, cbs, epochs_per_task=typed_s.training.epochs_per_task,
-                                   eval_on=typed_s.training.eval_on, eval_initial=typed_s.training.eval_initial))
+                                   eval_on=typed_s.training.eval_on, eval_initial=typed_s.training.eval_initial,
+                                   eval_task_il=typed_s.training.eval_task_il))
         runs.append((typed_s, run_out, loggers, cbs, config, data_time))
     err_console.print(f"{len(seeds)} seeds {seeds} trained together (one vmapped program per epoch)",
                       highlight=False)
@@ -333,13 +340,14 @@ def _run_vectorized(typed, seeds, seed_configs, out: Path, err_console: Console,
 
 def aggregate_results(per_seed: list[dict]) -> dict:
     """Mean and sample standard deviation (ddof=1; None for one seed) over seeds of each metric
-    in AGGREGATE_METRICS, with the per-seed values; the means also as top-level keys."""
+    in AGGREGATE_METRICS (and AGGREGATE_TASK_IL_METRICS when the runs have them), with the per-seed
+    values; the means also as top-level keys."""
     from cl_runner.report import mean_std
 
     first = per_seed[0]
     out = {"seeds": [r["seed"] for r in per_seed], "algo": first["algo"], "benchmark": first["benchmark"],
            "scenario": first["scenario"], "backend": first["backend"], "metrics": {}}
-    for m in AGGREGATE_METRICS:
+    for m in (*AGGREGATE_METRICS, *(m for m in AGGREGATE_TASK_IL_METRICS if m in first)):
         values = [r.get(m) for r in per_seed]
         known = [float(v) for v in values if v is not None and v == v]
         mean, std, _ = mean_std(known)
@@ -355,17 +363,20 @@ def print_aggregate(aggregate: dict, console: Console) -> None:
     def fmt(v) -> str:
         return "-" if v is None else f"{v:.2f}"
 
-    names = {"avg_acc": "avg acc %", "forgetting": "forgetting %", "bwt": "BWT %", "fwt": "FWT %"}
+    names = {"avg_acc": "avg acc %", "forgetting": "forgetting %", "bwt": "BWT %", "fwt": "FWT %",
+             "avg_acc_task_il": "avg acc task-IL %", "forgetting_task_il": "forgetting task-IL %",
+             "bwt_task_il": "BWT task-IL %"}
+    shown = [m for m in (*AGGREGATE_METRICS, *AGGREGATE_TASK_IL_METRICS) if m in aggregate["metrics"]]
     mode = "vectorised" if aggregate.get("vectorized") else "sequential"
     table = Table(title=f"{aggregate['benchmark']} / {aggregate['algo']} / {aggregate['backend']} "
                         f"({len(aggregate['seeds'])} seeds, {mode})")
     table.add_column("seed", justify="right")
-    for m in AGGREGATE_METRICS:
+    for m in shown:
         table.add_column(names[m], justify="right")
     for i, s in enumerate(aggregate["seeds"]):
-        table.add_row(str(s), *(fmt(aggregate["metrics"][m]["values"][i]) for m in AGGREGATE_METRICS))
+        table.add_row(str(s), *(fmt(aggregate["metrics"][m]["values"][i]) for m in shown))
     cells = []
-    for m in AGGREGATE_METRICS:
+    for m in shown:
         e = aggregate["metrics"][m]
         cells.append("-" if e["mean"] is None else fmt(e["mean"]) + ("" if e["std"] is None else f" ± {fmt(e['std'])}"))
     table.add_row("mean ± std", *cells)

@@ -65,3 +65,14 @@ def summarize(R: np.ndarray, initial: np.ndarray | None = None) -> dict:
         "fwt": forward_transfer(R, initial),
         "avg_acc_seen": [average_accuracy(R, after=i) for i in range(R.shape[0])],
     }
+
+
+def summarize_task_il(R: np.ndarray) -> dict:
+    """The summary of the task-IL accuracy matrix of a class-IL run (``training.eval_task_il``).
+    No forward transfer: the untrained model is evaluated in the stream's own scenario only."""
+    R = np.asarray(R, dtype=float)
+    return {
+        "avg_acc_task_il": average_accuracy(R),
+        "forgetting_task_il": forgetting(R),
+        "bwt_task_il": backward_transfer(R),
+    }

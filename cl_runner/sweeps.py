@@ -35,6 +35,7 @@ OBJECTIVES = {
     "forgetting": "minimize",
     "bwt": "maximize",
     "fwt": "maximize",
+    "avg_acc_task_il": "maximize",
     "total_time_s": "minimize",
     "steps_per_s": "maximize",
 }

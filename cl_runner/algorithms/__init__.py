@@ -76,3 +76,4 @@ class EWCConfig(AlgoConfig):
 from cl_runner.algorithms import (distillation, meta_learning, mode_connectivity,  # noqa: E402,F401
                                   regularization, replay)
 from cl_runner.algorithms import others  # noqa: E402,F401
+from cl_runner.algorithms import naive_rehearsal  # noqa: E402,F401

@@ -99,6 +99,11 @@ class TrainingConfig:
     eval_on: str = "all"
     # Evaluate the untrained model once before the first task (needed for forward transfer).
     eval_initial: bool = True
+    # Class-IL streams: after each task also evaluate every task with only its own classes'
+    # output units (task-IL evaluation of the same run, as the DER paper reports): a second
+    # accuracy matrix, acc_matrix_task_il, and avg_acc_task_il, forgetting_task_il, bwt_task_il.
+    # An error in the task_il and domain_il scenarios.
+    eval_task_il: bool = False
     # Stop with an error when the loss becomes NaN or infinite.
     check_finite: bool = True
     # Steps between progress updates (0: about four times a second).

@@ -113,7 +113,7 @@ def _type_error(ex: OmegaConfBaseException) -> ConfigError:
 # gpu (needs a GPU).
 EXPECTED_TIERS = ("ci", "cpu", "gpu")
 # Metrics of results.json an experiment file can compare (percent, like the papers).
-EXPECTED_METRICS = ("avg_acc", "forgetting", "bwt", "fwt")
+EXPECTED_METRICS = ("avg_acc", "forgetting", "bwt", "fwt", "avg_acc_task_il")
 
 
 def _check_values(cfg: Any) -> None:
@@ -202,6 +202,20 @@ def _check_scenario(cfg) -> None:
                           f"{supported[0]} or another algorithm.")
 
 
+def _check_eval_task_il(cfg) -> None:
+    """training.eval_task_il is defined for class-IL streams only; the task-IL metric needs it."""
+    scenario = cfg.benchmark.scenario or BENCHMARKS.get(cfg.benchmark.name).default_scenario
+    if cfg.training.eval_task_il and scenario != "class_il":
+        why = ("its avg_acc already is the task-IL accuracy" if scenario == "task_il" else
+               "every task uses the same output units, so there is nothing to mask")
+        raise ConfigError(f"config key 'training.eval_task_il' evaluates a class-IL run as task-IL; this "
+                          f"stream is {scenario} ({why}). Set training.eval_task_il=false, or "
+                          f"benchmark.scenario=class_il.")
+    if cfg.expected is not None and cfg.expected.metric.endswith("_task_il") and not cfg.training.eval_task_il:
+        raise ConfigError(f"expected.metric '{cfg.expected.metric}' is measured only with "
+                          f"training.eval_task_il=true.")
+
+
 def compose_algo_schema(algo_cls, algo_name: str, plugins) -> type:
     """The algorithm's schema extended with the keys of every plugin composed onto it."""
     if not plugins:
@@ -259,4 +273,5 @@ def validate_config(cfg: DictConfig | dict) -> tuple[DictConfig, list[str]]:
     _check_values(typed)
     _check_algo_values(typed.algo, algo_name)
     _check_scenario(typed)
+    _check_eval_task_il(typed)
     return typed, warnings

@@ -38,8 +38,10 @@ class Learner(ABC):
         """Train one epoch on ``task``; return at least {"steps": int, "loss": float}."""
 
     @abstractmethod
-    def evaluate(self, tasks) -> dict[int, float]:
-        """Accuracy (percent) on each task's test set, keyed by task id."""
+    def evaluate(self, tasks, task_il: bool = False) -> dict[int, float]:
+        """Accuracy (percent) on each task's test set, keyed by task id. ``task_il``: predict
+        each task's samples among its own classes' output units only, as the task-IL scenario
+        does (``training.eval_task_il``: the task-IL accuracy of a class-IL run)."""
 
     @abstractmethod
     def state_dict(self) -> dict[str, Any]:

@@ -24,6 +24,9 @@ class LoopState:
     steps_per_task: list = field(default_factory=list)
     epoch_losses: list = field(default_factory=list)  # [task][epoch] mean training loss
     completed_tasks: int = 0
+    # training.eval_task_il (class-IL streams): the same matrix with each task evaluated on its
+    # own classes' output units only; None when not asked for.
+    acc_matrix_task_il: np.ndarray | None = None
 
     def __post_init__(self):
         if self.acc_matrix is None:
@@ -38,7 +41,8 @@ class ContinualLoop:
     """
 
     def __init__(self, learner, stream, callbacks: list[Callback] | None = None,
-                 epochs_per_task: int = 1, eval_on: str = "all", eval_initial: bool = True):
+                 epochs_per_task: int = 1, eval_on: str = "all", eval_initial: bool = True,
+                 eval_task_il: bool = False):
         self.learner = learner
         self.stream = stream
         self.callbacks = list(callbacks or [])
@@ -46,6 +50,9 @@ class ContinualLoop:
         self.eval_on = eval_on
         self.eval_initial = eval_initial
         self.state = LoopState(stream.num_tasks)
+        self.eval_task_il = eval_task_il
+        if eval_task_il:
+            self.state.acc_matrix_task_il = np.full((stream.num_tasks, stream.num_tasks), np.nan)
         self.step_callbacks = [c for c in self.callbacks
                                if overrides(c, "on_after_step") or overrides(c, "on_before_step")]
         learner.loop = self
@@ -92,6 +99,9 @@ class ContinualLoop:
             accs = self.learner.evaluate(targets)
             for j, acc in accs.items():
                 s.acc_matrix[t, j] = acc
+            if self.eval_task_il:
+                for j, acc in self.learner.evaluate(targets, task_il=True).items():
+                    s.acc_matrix_task_il[t, j] = acc
             self.emit("after_eval", task, accs)
             end = time.perf_counter()
             s.train_time_s.append(train_end - start)

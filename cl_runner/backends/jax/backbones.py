@@ -1,7 +1,10 @@
 """Backbones for the JAX backend (flax linen), architecturally identical to the PyTorch ones.
 
 Every backbone is ``features`` (input -> representation) followed by a linear ``head`` over all
-output units; task-IL restricts the head's outputs to the task's units.
+output units; task-IL restricts the head's outputs to the task's units. ``backbone.head``
+incremental / multihead use this same full head: the learner masks the units of the tasks not
+started yet and keeps the optimizer off unused units, which gives the PyTorch backend's growing
+head's results without parameter shapes that change (see heads.py).
 
 Inputs arrive as (N, C, H, W) like on the PyTorch backend. Convolutions run in (N, H, W, C)
 internally (XLA's preferred layout on CPU) and the feature map is flattened in (C, H, W) order,
@@ -164,11 +167,13 @@ def build_backbone(cfg, input_shape, num_outputs: int, conv_impl: str = "lax") -
     """The backbone ``cfg.type``. ``conv_impl`` ("lax" or "im2col", see :class:`Conv`) only
     changes how convolutions are computed: the parameter tree and the function are the same, so
     modules built with either can share parameters."""
-    if getattr(cfg, "head", "fixed") != "fixed":
+    head = getattr(cfg, "head", "fixed") or "fixed"
+    if head not in ("fixed", "incremental", "multihead"):
         from cl_runner.errors import ConfigError
 
-        raise ConfigError(f"backbone.head={cfg.head} is implemented on the torch backend only; use "
-                          f"backend=torch or backbone.head=fixed.")
+        raise ConfigError(f"config key 'backbone.head': '{head}' is not one of fixed, incremental, multihead.")
+    # A growing head (incremental, multihead) is the full head with the units of tasks not started
+    # yet masked and left untouched by the optimizer: the learner does that (see heads.py).
     return BACKBONES.get(cfg.type, backend="jax")(cfg, tuple(input_shape), num_outputs, conv_impl=conv_impl)
 
 

@@ -25,6 +25,7 @@ learner (``algo.plugins=[ewc]`` adds EWC's part to any learner).
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections import Counter
@@ -38,6 +39,7 @@ import optax
 
 from cl_runner.backends.jax.augment import augment_settings, random_crop_flip
 from cl_runner.backends.jax.backbones import build_backbone, init_params
+from cl_runner.backends.jax.heads import build_head, refresh_tables
 from cl_runner.backends.jax.optim import build_optimizer, get_lr, set_lr, task_lr
 from cl_runner.core.learner import Learner
 from cl_runner.errors import ConfigError, TrainingDivergedError
@@ -193,6 +195,8 @@ class JaxLearner(Learner):
         for t in stream.tasks:
             table[t.id, np.asarray(t.classes)] = True
         self.mask_table = self.put(table)
+        # backbone.head=incremental|multihead: the full head, grown by masking (heads.py).
+        self._head = build_head(self)
         self._test_cache: dict[int, tuple[jax.Array, jax.Array]] = {}
         self.train_x = self.train_y = self.train_t = None
         plugin_classes = [_plugin_class(name) for name in cfg.algo.plugins]
@@ -252,6 +256,8 @@ class JaxLearner(Learner):
 
     # -- hooks -------------------------------------------------------------------------------
     def on_before_task(self, task) -> None:
+        if self._head is not None:  # the units of the tasks started so far
+            refresh_tables(self, self._head.table(task.id))
         self.opt_state = set_lr(self.opt_state, task_lr(self.cfg.optimizer, task.id))
         x, y, tid = self.train_arrays(task)
         self.train_x = self.to_input(x)
@@ -270,6 +276,8 @@ class JaxLearner(Learner):
     # -- the step (traced) -------------------------------------------------------------------
     def masked(self, logits, task_ids, mask_table):
         """Task-IL: logits outside each sample's task set to -inf; otherwise unchanged."""
+        if self._head is not None:  # a growing head: units of no task started yet read -inf
+            logits = jnp.where(jnp.any(mask_table, axis=0), logits, -jnp.inf)
         if task_ids is None:
             return logits
         return jnp.where(mask_table[task_ids], logits, -jnp.inf)
@@ -277,6 +285,8 @@ class JaxLearner(Learner):
     def criterion(self, logits, y, t, mask_table, weights=None):
         """Mean cross-entropy over the batch (over the samples of weight 1 when weighted)."""
         losses = cross_entropy(self.masked(logits, t, mask_table), y)
+        if self._head is not None:  # multihead: which heads the step's task loss uses (heads.py)
+            losses = self._head.mark_used(losses, t, weights, mask_table)
         if weights is None:
             return jnp.mean(losses)
         return jnp.sum(losses * weights) / jnp.sum(weights)
@@ -309,6 +319,13 @@ class JaxLearner(Learner):
                 loss = loss + extra
         return loss
 
+    def _value_and_grad(self, fn):
+        """``jax.value_and_grad(fn, has_aux=True)``; with a growing head it also records the
+        head units the task loss used (heads.py)."""
+        if self._head is None:
+            return jax.value_and_grad(fn, has_aux=True)
+        return self._head.value_and_grad(fn)
+
     def train_step(self, carry, batch, weights, x, y, t, mask_table):
         """One optimizer step on the samples ``batch`` (indices into x, y, t), weighted by
         ``weights`` (None: all 1)."""
@@ -322,10 +339,10 @@ class JaxLearner(Learner):
             xb = random_crop_flip(augment_key, xb, *self._augment)
         tb = t[batch] if t is not None else None
         if self._stats_index is None:
-            (loss, logits), loss_grads = jax.value_and_grad(self.loss_and_logits, has_aux=True)(
+            (loss, logits), loss_grads = self._value_and_grad(self.loss_and_logits)(
                 params, part_states, xb, yb, tb, weights, mask_table, dropout_key)
         else:
-            (loss, (logits, stats)), loss_grads = jax.value_and_grad(self.loss_logits_and_stats, has_aux=True)(
+            (loss, (logits, stats)), loss_grads = self._value_and_grad(self.loss_logits_and_stats)(
                 params, part_states, xb, yb, tb, weights, mask_table, dropout_key)
             i = self._stats_index
             part_states = (*part_states[:i], stats, *part_states[i + 1:])
@@ -334,6 +351,10 @@ class JaxLearner(Learner):
             grads = p.adjust_grads(params, part_states[i], grads)
         updates, opt_state = self.tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
+        if self._head is not None:  # head units not in use keep their weights and optimizer state
+            used, self._head.step_used = self._head.step_used, None
+            new_params, opt_state = self._head.keep_unused(
+                params, new_params, carry[1], opt_state, self._head.used_units(tb, weights, mask_table, used))
         if self._step_parts or self._batch_parts:
             part_states = list(part_states)
             for i, p in self._step_parts:
@@ -415,16 +436,19 @@ class JaxLearner(Learner):
                 f"or lower the algorithm's regularisation strength.")
 
     # -- evaluation --------------------------------------------------------------------------
-    def _eval_program(self, params, x, y, mask_table, task_id):
+    def _eval_program(self, params, x, y, mask_table, task_id, task_il: bool = False):
         """Number of correct predictions over batches x: (B, bs, ...), y: (B, bs). ``params``:
-        see ``eval_params``."""
+        see ``eval_params``. ``task_il`` (a Python bool, bound before jit): keep to task
+        ``task_id``'s output units even when the stream is not task-IL."""
         self.trace_counts["eval"] += 1
         variables = self._variables(params)
 
         def batch(args):
             xb, yb = args
             logits = self.eval_model.apply(variables, xb, train=False)
-            if self.masks:
+            if self._head is not None:
+                logits = jnp.where(jnp.any(mask_table, axis=0), logits, -jnp.inf)
+            if self.masks or task_il:
                 logits = jnp.where(mask_table[task_id], logits, -jnp.inf)
             return jnp.sum(jnp.argmax(logits, axis=1) == yb)
 
@@ -449,16 +473,23 @@ class JaxLearner(Learner):
     def predict(self, x, task_id: int | None = None) -> jax.Array:
         """Predicted output units for normalised inputs ``x`` (N, C, H, W)."""
         logits = self.eval_model.apply(self._variables(self.eval_params()), x, train=False)
+        if self._head is not None:
+            logits = jnp.where(jnp.any(self.mask_table, axis=0), logits, -jnp.inf)
         if self.masks and task_id is not None:
             logits = jnp.where(self.mask_table[task_id], logits, -jnp.inf)
         return jnp.argmax(logits, axis=1)
 
-    def evaluate(self, tasks) -> dict[int, float]:
+    def evaluate(self, tasks, task_il: bool = False) -> dict[int, float]:
+        eval_fn = self._eval_fn
+        if task_il and not self.masks:  # a class-IL run evaluated as task-IL (training.eval_task_il)
+            if getattr(self, "_eval_task_il_fn", None) is None:
+                self._eval_task_il_fn = jax.jit(functools.partial(self._eval_program, task_il=True))
+            eval_fn = self._eval_task_il_fn
         pending = []
         for task in tasks:  # dispatch every task, then wait
             x, y = self.test_arrays(task)
             task_id = self.put(np.int32(task.id))
-            pending.append((task, self._eval_fn(self.eval_params(), x, y, self.mask_table, task_id)))
+            pending.append((task, eval_fn(self.eval_params(), x, y, self.mask_table, task_id)))
         return {task.id: 100.0 * int(correct) / max(task.num_test, 1) for task, correct in pending}
 
     # -- state -------------------------------------------------------------------------------

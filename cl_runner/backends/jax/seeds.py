@@ -24,6 +24,7 @@ shapes), with a printed message.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Callable
 
@@ -87,10 +88,12 @@ class SeedGroup:
             self._epoch_fns[axes] = jax.jit(jax.vmap(self.lead._epoch_program, in_axes=(0, *axes)))
         return self._epoch_fns[axes]
 
-    def eval_fn(self, axes: tuple) -> Callable:
-        if axes not in self._eval_fns:
-            self._eval_fns[axes] = jax.jit(jax.vmap(self.lead._eval_program, in_axes=(0, *axes, None)))
-        return self._eval_fns[axes]
+    def eval_fn(self, axes: tuple, task_il: bool = False) -> Callable:
+        key = (axes, task_il)
+        if key not in self._eval_fns:
+            program = functools.partial(self.lead._eval_program, task_il=True) if task_il else self.lead._eval_program
+            self._eval_fns[key] = jax.jit(jax.vmap(program, in_axes=(0, *axes, None)))
+        return self._eval_fns[key]
 
     def compilations(self) -> dict[str, int]:
         """How many times the vmapped epoch and evaluation programs were compiled."""
@@ -165,7 +168,7 @@ class SeedGroup:
         return [lr.finish_epoch(task, epoch, c, losses[i], elapsed)
                 for i, (lr, task, c) in enumerate(zip(learners, tasks, unstack(carry, self.n)))]
 
-    def evaluate(self, tasks_per_seed: list[list]) -> list[dict[int, float]]:
+    def evaluate(self, tasks_per_seed: list[list], task_il: bool = False) -> list[dict[int, float]]:
         """Each seed's accuracies (percent) on its tasks, as ``JaxLearner.evaluate``."""
         learners = self.learners
         params = stack([lr.params for lr in learners])
@@ -179,11 +182,11 @@ class SeedGroup:
                 stacked = self._stacked_tests(tasks)
                 if stacked is None:
                     self._fallback("evaluation", "the seeds' test sets differ in size")
-                    return [lr.evaluate(ts) for lr, ts in zip(learners, tasks_per_seed)]
+                    return [lr.evaluate(ts, task_il=task_il) for lr, ts in zip(learners, tasks_per_seed)]
                 mask, mask_axis = self._data("mask_table", [lr.mask_table for lr in learners])
                 args, axes = (*stacked, mask), (0, 0, mask_axis)
             task_id = self.lead.put(np.int32(task0.id))
-            pending.append((tasks, self.eval_fn(axes)(params, *args, task_id)))
+            pending.append((tasks, self.eval_fn(axes, task_il and not self.lead.masks)(params, *args, task_id)))
         out: list[dict[int, float]] = [{} for _ in learners]
         for tasks, correct in pending:
             correct = np.asarray(correct)
@@ -228,6 +231,11 @@ class SeedGroup:
             for lp, task, a in zip(loops, tasks, accs):
                 for j, acc in a.items():
                     lp.state.acc_matrix[t, j] = acc
+            if lead.eval_task_il:
+                for lp, a in zip(loops, self.evaluate(targets, task_il=True)):
+                    for j, acc in a.items():
+                        lp.state.acc_matrix_task_il[t, j] = acc
+            for lp, task, a in zip(loops, tasks, accs):
                 lp.emit("after_eval", task, a)
             end = time.perf_counter()
             for i, (lp, task) in enumerate(zip(loops, tasks)):

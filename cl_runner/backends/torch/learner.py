@@ -25,7 +25,7 @@ from cl_runner.backends.torch.backbones import build_backbone
 from cl_runner.backends.torch.heads import add_missing_params, grow_head, release_unused_head_grads
 from cl_runner.backends.torch.optim import build_optimizer, set_lr, task_lr
 from cl_runner.core.learner import Learner
-from cl_runner.errors import TrainingDivergedError
+from cl_runner.errors import ConfigError, TrainingDivergedError
 from cl_runner.registry import ALGORITHMS
 
 
@@ -58,6 +58,11 @@ class TorchLearner(Learner):
     backend = "torch"
     #: Parts every instance of this algorithm has (on top of ``algo.plugins``).
     part_classes: tuple[type[Part], ...] = ()
+    #: Why this algorithm cannot take ``algo.plugins`` (None: it composes them).
+    refuses_plugins: str | None = None
+    #: Why this algorithm (or part) cannot run with a growing output layer (backbone.head
+    #: incremental or multihead); None: it can.
+    refuses_growing_head: str | None = None
 
     def __init__(self, cfg, stream, device: torch.device, seed: int):
         super().__init__(cfg, stream)
@@ -90,8 +95,20 @@ class TorchLearner(Learner):
         self.output_mask = mask.to(device)
         self._test_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.train_x = self.train_y = self.train_t = None
+        if list(cfg.algo.plugins) and self.refuses_plugins:
+            raise ConfigError(f"algo={cfg.algo.name} does not compose algo.plugins="
+                              f"{list(cfg.algo.plugins)}: {self.refuses_plugins}; set algo.plugins=[].")
         plugin_classes = [_plugin_class(name) for name in cfg.algo.plugins]
         self.parts: list[Part] = [cls(self, cfg.algo) for cls in (*self.part_classes, *plugin_classes)]
+        head = getattr(cfg.backbone, "head", "fixed")
+        for obj in (self, *self.parts):
+            reason = getattr(obj, "refuses_growing_head", None)
+            if head != "fixed" and reason:
+                what = (f"algo={cfg.algo.name}" if obj is self or type(obj) in self.part_classes
+                        else f"algo.plugins={list(cfg.algo.plugins)}")
+                raise ConfigError(f"backbone.head={head} cannot be combined with {what}: {reason}; "
+                                  "use backbone.head=fixed (in task-IL the fixed layer's per-task masks give "
+                                  "the predictions of a head per task).")
         self._loss_parts = [p for p in self.parts if _overrides(p, "extra_loss")]
         self._grad_parts = [p for p in self.parts if _overrides(p, "after_backward")]
         self._step_parts = [p for p in self.parts if _overrides(p, "after_step")]
@@ -243,19 +260,25 @@ class TorchLearner(Learner):
         return logits.argmax(dim=1)
 
     @torch.inference_mode()
-    def evaluate(self, tasks) -> dict[int, float]:
+    def evaluate(self, tasks, task_il: bool = False) -> dict[int, float]:
+        """``task_il``: predict as in the task-IL scenario (``self.masks`` is True while it
+        runs, so every ``predict`` keeps to the evaluated task's own output units)."""
         was_training = self.model.training
         self.model.eval()
         if self.eval_threads:
             torch.set_num_threads(self.eval_threads)
         result = {}
-        for task in tasks:
-            x, y = self.test_tensors(task)
-            correct = torch.zeros((), dtype=torch.long, device=self.device)
-            for lo in range(0, len(y), self.eval_batch_size):
-                pred = self.predict(x[lo:lo + self.eval_batch_size], task.id)
-                correct += (pred == y[lo:lo + self.eval_batch_size]).sum()
-            result[task.id] = 100.0 * float(correct) / max(len(y), 1)
+        masks, self.masks = self.masks, self.masks or task_il
+        try:
+            for task in tasks:
+                x, y = self.test_tensors(task)
+                correct = torch.zeros((), dtype=torch.long, device=self.device)
+                for lo in range(0, len(y), self.eval_batch_size):
+                    pred = self.predict(x[lo:lo + self.eval_batch_size], task.id)
+                    correct += (pred == y[lo:lo + self.eval_batch_size]).sum()
+                result[task.id] = 100.0 * float(correct) / max(len(y), 1)
+        finally:
+            self.masks = masks
         self.model.train(was_training)
         if self.train_threads:
             torch.set_num_threads(self.train_threads)

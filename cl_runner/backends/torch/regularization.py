@@ -19,6 +19,7 @@ from cl_runner.backends.torch.learner import Part
 
 
 class ImportanceRegularizer(Part):
+    refuses_growing_head = "its importances and anchors are kept per parameter of the network as first built"
     #: True: each task adds its own (Omega, theta*) term (EWC). False: a single term whose
     #: anchor is the latest parameters and whose Omega the method maintains (online EWC, SI, MAS).
     accumulate_snapshots = False

@@ -5,3 +5,4 @@ from cl_runner.backends.torch.algorithms import (  # noqa: F401
 from cl_runner.backends.torch.algorithms import gdumb, gem, icarl  # noqa: F401,E402
 from cl_runner.backends.torch.algorithms import lamaml, mcsgd  # noqa: F401,E402
 from cl_runner.backends.torch.algorithms import kcl, lfl, pnn, stable_sgd  # noqa: F401,E402
+from cl_runner.backends.torch.algorithms import naive_rehearsal  # noqa: F401,E402

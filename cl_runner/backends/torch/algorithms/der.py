@@ -24,6 +24,7 @@ from cl_runner.registry import ALGORITHMS
 
 
 class DERPart(Part):
+    refuses_growing_head = "its memory stores logits over every output unit, and units not grown yet read -inf"
     #: DER++: also a cross-entropy term, weighted by beta, on a second memory batch.
     use_labels = False
 

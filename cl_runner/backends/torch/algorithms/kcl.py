@@ -103,6 +103,8 @@ class KernelNet(nn.Module):
 
 @ALGORITHMS.register("kcl", backend="torch")
 class KCL(TorchLearner):
+    refuses_plugins = "its per-task kernel classifiers replace the shared training step"
+
     def __init__(self, cfg, stream, device, seed: int):
         if not stream.masks_logits:
             raise ConfigError("kcl predicts with the coreset of the sample's task, so it needs the task id: "

@@ -49,6 +49,10 @@ def _clip_norm_(grads: list[torch.Tensor], max_norm: float | None) -> None:
 
 @ALGORITHMS.register("lamaml", backend="torch")
 class LaMAML(TorchLearner):
+    refuses_growing_head = "its learnable learning rates are allocated per parameter of the network as first built"
+    refuses_plugins = ("its meta-update replaces the training step and has no place for a plugin's "
+                       "loss or gradient terms")
+
     def __init__(self, cfg, stream, device, seed):
         super().__init__(cfg, stream, device, seed)
         algo = cfg.algo

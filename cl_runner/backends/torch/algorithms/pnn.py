@@ -131,6 +131,9 @@ class ProgressiveNet(nn.Module):
 
 @ALGORITHMS.register("pnn", backend="torch")
 class PNN(TorchLearner):
+    refuses_plugins = ("every column is frozen once its task is trained, so there is nothing for a "
+                       "regulariser to protect, and the parameter set grows by a column per task")
+
     def __init__(self, cfg, stream, device, seed: int):
         bb = cfg.backbone
         if bb.type != "mlp":
