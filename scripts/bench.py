@@ -10,7 +10,11 @@ Rows (PyTorch backend, CPU):
                                               and evaluations on the same tensors
   torch ewc   : clrun algo=ewc             vs the same hand-written loop plus a textbook EWC
                                               (autograd penalty term, vmap per-sample Fisher)
-Row (JAX backend, CPU):
+Rows (JAX backend, CPU):
+  jax naive   : clrun backend=jax algo=naive vs a minimal hand-written jit + lax.scan loop
+                                              (one compiled program per epoch, jitted evaluation)
+  jax ewc     : clrun backend=jax algo=ewc  vs the same loop plus a textbook EWC (autograd
+                                              penalty, vmap per-sample Fisher)
   jax x5 seeds: clrun backend=jax algo=naive seeds=[0,1,2,3,4] (all five seeds in one vmapped
                 program per epoch) vs clrun backend=jax algo=naive seed=0 (one seed); a ratio
                 below 5 is what training the seeds together saves over running them in turn
@@ -18,6 +22,12 @@ Data rows: building the 20 rotated tasks from the IDX files, and loading them fr
 
     python scripts/bench.py --data-dir ../shared/data            # full reference (~10 min)
     python scripts/bench.py --data-dir ../shared/data --quick    # 3 tasks x 10k (< 1 min)
+    python scripts/bench.py --algorithms                         # steps/s of every algorithm vs naive
+
+``--algorithms``: every algorithm on both backends on a short Rotated MNIST stream (3 tasks x
+2,000 images, MLP 2x256, batch 10; each algorithm's defaults), its training steps/s and the
+ratio to naive on the same backend (end-of-task work such as a Fisher or a memory update is
+counted in the training time).
 """
 
 from __future__ import annotations
@@ -133,6 +143,132 @@ def hand_written(args, ewc: bool) -> tuple[float, float]:
     return elapsed, 100.0 * correct / len(ty)
 
 
+def jax_hand_written(args, ewc: bool) -> tuple[float, float]:
+    """The minimal JAX loop a person would write: each epoch one jit + lax.scan over the batch
+    indices of device-resident arrays, evaluation one jitted program per task."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    cfg, _ = validate_config(reference_config(args, "naive"))
+    t0 = time.perf_counter()
+    stream = build_stream(cfg.benchmark, 0, args.data_dir, args.cache_dir)
+    mean, std = stream.mean[0], stream.std[0]
+
+    def prep(x):
+        return jnp.asarray((np.asarray(x, np.float32).reshape(len(x), -1) / 255.0 - mean) / std)
+
+    key = jax.random.PRNGKey(0)
+    sizes = [784, 256, 256, 10]
+    params = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        kw, kb = jax.random.split(jax.random.fold_in(key, i))
+        bound = 1.0 / math.sqrt(n_in)
+        params.append((jax.random.uniform(kw, (n_in, n_out), minval=-bound, maxval=bound),
+                       jax.random.uniform(kb, (n_out,), minval=-bound, maxval=bound)))
+
+    def forward(p, x, drop_key=None):
+        for i, (w, b) in enumerate(p):
+            x = x @ w + b
+            if i < len(p) - 1:
+                x = jax.nn.relu(x)
+                if drop_key is not None:
+                    keep = jax.random.bernoulli(jax.random.fold_in(drop_key, i), 0.8, x.shape)
+                    x = jnp.where(keep, x / 0.8, 0.0)
+        return x
+
+    def nll(p, x, y, k=None):
+        logits = forward(p, x, k)
+        return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, y[:, None], -1)[:, 0])
+
+    opt = optax.sgd(0.01, momentum=0.8)
+    opt_state = opt.init(params)
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+
+    @jax.jit
+    def epoch(params, opt_state, x, y, perm, k, fisher, anchor):
+        def step(carry, idx):
+            p, s, k = carry
+            k, sub = jax.random.split(k)
+
+            def loss(p):
+                pen = sum(jnp.sum(f * (a - b) ** 2) for f, a, b in zip(jax.tree_util.tree_leaves(fisher),
+                                                                       jax.tree_util.tree_leaves(p),
+                                                                       jax.tree_util.tree_leaves(anchor)))
+                return nll(p, x[idx], y[idx], sub) + 0.5 * pen
+
+            g = jax.grad(loss)(p)
+            updates, s = opt.update(g, s, p)
+            return (optax.apply_updates(p, updates), s, k), None
+
+        (params, opt_state, _), _ = jax.lax.scan(step, (params, opt_state, k), perm.reshape(-1, 10))
+        return params, opt_state
+
+    @jax.jit
+    def correct(params, x, y):
+        def batch(args):
+            xb, yb = args
+            return jnp.sum(jnp.argmax(forward(params, xb), -1) == yb)
+        return jnp.sum(jax.lax.map(batch, (x.reshape(-1, 1000, 784), y.reshape(-1, 1000))))
+
+    @jax.jit
+    def fisher_of(params, x, y):
+        g = jax.vmap(jax.grad(lambda p, xi, yi: nll(p, xi[None], yi[None])), in_axes=(None, 0, 0))(params, x, y)
+        return jax.tree_util.tree_map(lambda v: jnp.mean(v ** 2, axis=0), g)
+
+    tests = [(prep(t.test_x), jnp.asarray(np.asarray(t.test_y), jnp.int32)) for t in stream.tasks]
+    fisher, anchor = zeros, zeros
+    rng = np.random.default_rng(0)
+    for task in stream.tasks:
+        x, y = prep(task.train_x), jnp.asarray(np.asarray(task.train_y), jnp.int32)
+        n = len(task.train_y) // 10 * 10
+        perm = jnp.asarray(rng.permutation(len(task.train_y))[:n].astype(np.int32))
+        key, sub = jax.random.split(key)
+        params, opt_state = epoch(params, opt_state, x, y, perm, sub, fisher, anchor)
+        if ewc:
+            f = fisher_of(params, x[:1024], y[:1024])
+            fisher = jax.tree_util.tree_map(jnp.add, fisher, f)  # summed over tasks, one anchor each
+            anchor = params  # (textbook variant with the latest anchor; same arithmetic per step)
+        accs = [int(correct(params, tx, ty)) for tx, ty in tests]
+    elapsed = time.perf_counter() - t0
+    return elapsed, 100.0 * accs[-1] / len(tests[-1][1])
+
+
+def algorithm_speeds(args) -> list[dict]:
+    """Training steps/s of every algorithm (its defaults) on both backends, and x naive."""
+    from cl_runner import catalog
+    from cl_runner.registry import ALGORITHMS
+
+    for b in ("torch", "jax"):
+        catalog.load_backend(b)
+    args.tasks, args.subset = 3, 2000
+    out = []
+    for backend in ("torch", "jax"):
+        naive = None
+        for name in ["naive"] + sorted(n for n in ALGORITHMS.names() if n != "naive"):
+            if backend not in ALGORITHMS.entry(name).backends:
+                continue
+            scen = ALGORITHMS.meta(name).get("scenarios") or ("domain_il",)
+            extra = {"benchmark": {**reference_config(args, name)["benchmark"]}}
+            if "domain_il" not in scen:  # e.g. iCaRL, KCL: Split MNIST in its first scenario
+                extra["benchmark"] = {"name": "splitmnist", "scenario": scen[0], "batch_size": 10,
+                                      "eval_batch_size": 1000, "subset": args.subset}
+            if name == "kcl":
+                extra["benchmark"] = {"name": "permutedmnist", "num_tasks": 3, "scenario": "task_il",
+                                      "batch_size": 10, "eval_batch_size": 1000, "subset": args.subset}
+            try:
+                _, res = time_clrun(args, name, backend, loggers=[], checkpoint=False, **extra)
+            except Exception as e:  # a method that cannot run here: say why, keep going
+                out.append({"backend": backend, "algo": name, "error": f"{type(e).__name__}: {e}"[:120]})
+                continue
+            sps = res["steps_per_s"]
+            naive = naive or sps
+            out.append({"backend": backend, "algo": name, "steps_per_s": sps, "x_naive": sps / naive,
+                        "avg_acc": res["avg_acc"]})
+            print(f"{backend:<6} {name:<16} {sps:>9.0f} steps/s  {sps / naive:>6.2f} x naive", flush=True)
+    return out
+
+
 def time_data(args) -> tuple[float, float]:
     cfg, _ = validate_config(reference_config(args, "naive"))
     tmp = tempfile.mkdtemp(prefix="bench-cache-")
@@ -154,7 +290,21 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--quick", action="store_true", help="3 tasks x 10k samples")
     ap.add_argument("--json", default=None, help="also write the table as JSON here")
+    ap.add_argument("--algorithms", action="store_true", help="steps/s of every algorithm vs naive, both backends")
     args = ap.parse_args()
+    if args.algorithms:
+        args.cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="bench-streams-")
+        rows = algorithm_speeds(args)
+        print(f"\n{'backend':<7} {'algo':<16} {'steps/s':>9} {'x naive':>8} {'avg acc':>8}")
+        for r in rows:
+            if "error" in r:
+                print(f"{r['backend']:<7} {r['algo']:<16} {r['error']}")
+            else:
+                print(f"{r['backend']:<7} {r['algo']:<16} {r['steps_per_s']:>9.0f} {r['x_naive']:>8.2f} "
+                      f"{r['avg_acc']:>8.2f}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2))
+        return
     args.tasks, args.subset = (3, 10000) if args.quick else (20, None)
     args.cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="bench-streams-")
 
@@ -167,7 +317,12 @@ def main() -> None:
     base_ewc, _ = hand_written(args, ewc=True)
     clrun_ewc, res_ewc = time_clrun(args, "ewc")
     rows.append(("torch ewc", clrun_ewc, base_ewc, res_ewc))
+    base_jax, _ = jax_hand_written(args, ewc=False)
     one_seed, res_one = time_clrun(args, "naive", "jax")
+    rows.append(("jax naive", one_seed, base_jax, res_one))
+    base_jax_ewc, _ = jax_hand_written(args, ewc=True)
+    clrun_jax_ewc, res_jax_ewc = time_clrun(args, "ewc", "jax")
+    rows.append(("jax ewc", clrun_jax_ewc, base_jax_ewc, res_jax_ewc))
     five_seeds, res_five = time_clrun(args, "naive", "jax", seeds=[0, 1, 2, 3, 4])
     res_five = {**res_five, "steps_per_s": 5 * res_one["steps"] / five_seeds}  # all seeds' steps
     rows.append(("jax x5 seeds", five_seeds, one_seed, res_five))

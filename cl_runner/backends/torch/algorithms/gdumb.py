@@ -32,7 +32,6 @@ import torch
 
 from cl_runner.backends.torch.learner import TorchLearner
 from cl_runner.backends.torch.memory import derived_seed
-from cl_runner.errors import ConfigError
 from cl_runner.registry import ALGORITHMS
 
 
@@ -126,11 +125,10 @@ class GreedyClassBalancedMemory:
 
 @ALGORITHMS.register("gdumb", backend="torch")
 class GDumb(TorchLearner):
+    refuses_plugins = "it takes no training step on the stream, so a plugin has nothing to act on"
+
     def __init__(self, cfg, stream, device, seed):
         super().__init__(cfg, stream, device, seed)
-        if cfg.algo.plugins:
-            raise ConfigError("algo=gdumb takes no training step on the stream, so it has nothing for "
-                              f"algo.plugins={list(cfg.algo.plugins)} to act on; remove the plugins.")
         self.memory = GreedyClassBalancedMemory(cfg.algo.mem_size, stream.input_shape, device,
                                                 derived_seed(seed, 9001))
         self.seen = torch.zeros(self.num_outputs(), dtype=torch.bool, device=device)

@@ -12,10 +12,9 @@ paper's dual quadratic program
 
 solved with ``quadprog``. gamma = ``memory_strength`` is the paper's margin, which biases the
 projection toward updates that lower the past losses (0 gives the exact projection onto the
-cone of allowed gradients; the paper's released code bounds v below by it, as here). The past
-tasks' gradients come from one forward pass over all their memories and one batched backward
-(one gradient per task), the dot products and G G^T are computed on the device, and only the
-t x t problem goes to the host. In task-IL each memory's loss uses its task's output units.
+cone of allowed gradients; the paper's released code bounds v below by it, as here). Each past
+task's gradient comes from a forward and backward pass over its own memory, the dot products and
+G G^T are computed on the device, and only the t x t problem goes to the host. In task-IL each memory's loss uses its task's output units.
 """
 
 from __future__ import annotations
@@ -95,21 +94,28 @@ class GEMPart(Part):
         return None
 
     def past_gradients(self) -> torch.Tensor:
-        """(past tasks, parameters): row k is the gradient of the mean loss on task k's memory."""
+        """(past tasks, parameters): row k is the gradient of the mean loss on task k's memory.
+
+        One forward and backward pass per past task over that task's memory only (as the paper's
+        code): the cost per step is one pass over the whole memory, whatever the number of tasks.
+        """
         learner, mem = self.learner, self.memory
         idx = mem._ring_slots(self.task_id)
         mx, my, mt, _ = mem.get(idx)
-        tasks, params = self.task_id, self.params
+        params = self.params
+        rows = []
         with torch.enable_grad():
-            logits = learner.model(mx)
-            per_sample = F.cross_entropy(learner.masked(logits, mt if learner.masks else None), my,
-                                         reduction="none")
-            counts = torch.zeros(tasks, device=mx.device).index_add_(0, mt, torch.ones_like(per_sample)).clamp_min(1)
-            losses = torch.zeros(tasks, device=mx.device).index_add_(0, mt, per_sample) / counts
-            grads = torch.autograd.grad(losses, params, grad_outputs=torch.eye(tasks, device=mx.device),
-                                        is_grads_batched=True, allow_unused=True)
-        return torch.cat([(g if g is not None else torch.zeros((tasks, *p.shape), device=p.device))
-                          .reshape(tasks, -1) for g, p in zip(grads, params)], dim=1)
+            for k in range(self.task_id):
+                sel = (mt == k).nonzero().squeeze(1)
+                if len(sel) == 0:
+                    rows.append(torch.zeros(sum(p.numel() for p in params), device=mx.device))
+                    continue
+                tk = mt[sel] if learner.masks else None
+                loss = F.cross_entropy(learner.masked(learner.model(mx[sel]), tk), my[sel])
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                                       for g, p in zip(grads, params)]))
+        return torch.stack(rows)
 
     def after_backward(self) -> None:
         if self.task_id == 0:

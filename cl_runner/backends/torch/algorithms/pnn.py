@@ -133,6 +133,7 @@ class ProgressiveNet(nn.Module):
 class PNN(TorchLearner):
     refuses_plugins = ("every column is frozen once its task is trained, so there is nothing for a "
                        "regulariser to protect, and the parameter set grows by a column per task")
+    refuses_growing_head = "every column has its own output layer already"
 
     def __init__(self, cfg, stream, device, seed: int):
         bb = cfg.backbone
