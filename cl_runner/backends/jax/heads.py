@@ -24,13 +24,16 @@ the full head (one linear layer over every output unit, the same parameter tree 
   the other chunks, so the optimizer skips them; the task ids it uses are the ones given to its
   training step, which for ER include the replayed samples'). A head reached only through
   another loss term (LwF's distillation, DER's replayed logits) is not moved, on either backend.
-  Algorithms that replace the learner's ``train_step`` altogether do not get this filter. A unit's weights therefore stay at their initial
-  draw (the same distribution PyTorch's new chunk is drawn from: U(+-1/sqrt(fan_in))) until its
-  task starts, and its momentum buffer starts from zero, as a new parameter group's does.
+  Algorithms that replace the learner's ``train_step`` altogether do not get this filter. A
+  unit's weights therefore stay at their initial draw (the same distribution PyTorch's new chunk
+  is drawn from: U(+-1/sqrt(fan_in))) until its task starts, and its momentum buffer starts from
+  zero, as a new parameter group's does.
 
-One difference remains: with ``optimizer.type=adam`` the bias correction of the moments uses the
-optimizer's global step count, while PyTorch counts the steps of each chunk from its creation;
-with SGD (with or without momentum, weight decay, Nesterov) the two backends are identical.
+With ``backbone.init=xavier_uniform`` each chunk's columns are drawn with the Glorot bound of
+the chunk's own size, as PyTorch's chunks are. One difference remains: with
+``optimizer.type=adam`` the bias correction of the moments uses the optimizer's global step
+count, while PyTorch counts the steps of each chunk from its creation; with SGD (with or without
+momentum, weight decay, Nesterov) the two backends are identical.
 """
 
 from __future__ import annotations
@@ -67,6 +70,28 @@ class GrowingHead:
                 units = np.flatnonzero(count > 1).tolist()
                 raise ConfigError(f"backbone.head=multihead needs disjoint output units per task; units "
                                   f"{units} belong to several tasks.")
+        if getattr(learner.cfg.backbone, "init", "default") == "xavier_uniform":
+            learner.params = self._xavier_per_chunk(learner)
+
+    def chunks(self) -> list[np.ndarray]:
+        """The output units of each chunk PyTorch would add, in order (empty ones left out)."""
+        out, owned = [], np.zeros(self.full.shape[1], bool)
+        for row in self.full:
+            units = row if self.kind == "multihead" else row & ~owned
+            if units.any():
+                out.append(np.flatnonzero(units))
+            owned |= row
+        return out
+
+    def _xavier_per_chunk(self, learner):
+        """Glorot bounds of each chunk's own fan_out, as PyTorch's new chunk (the full head's
+        kernel was drawn with the bound of all the units; rescaling a uniform draw keeps it uniform)."""
+        kernel = np.array(learner.params["head"]["kernel"])
+        fan_in, total = kernel.shape
+        full_bound = np.sqrt(6.0 / (fan_in + total))
+        for units in self.chunks():
+            kernel[:, units] *= np.sqrt(6.0 / (fan_in + len(units))) / full_bound
+        return learner.put({**learner.params, "head": {**learner.params["head"], "kernel": kernel}})
 
     def table(self, task_id: int) -> np.ndarray:
         """The mask table while task ``task_id`` trains: the rows of tasks 0..task_id."""

@@ -15,16 +15,17 @@ samples, and after each task a model is trained *from scratch* on the memory alo
   generator) and trained for ``epochs`` over the memory with a fresh SGD (``lr``, ``momentum``,
   ``weight_decay``), batches of ``batch_size`` and gradient-norm clipping at
   ``clip_grad_norm``; ``lr_schedule: sgdr`` is the paper's (one warm-up epoch at lr / 10, then
-  cosine cycles of 1, 2, 4, ... epochs from lr toward ``lr_min``, set once per epoch). Each epoch
-  is the learner's own compiled epoch program (``lax.scan`` over the memory's batches, the last
-  one padded and masked), run with GDumb's optimizer and batch size; the learning rate is in the
-  optimizer state, so one program serves every epoch and task. It is compiled once per distinct
-  memory size: while the memory fills (one size per task until it is full), then never again.
+  cosine cycles of 1, 2, 4, ... epochs from lr toward ``lr_min``, set once per epoch). The whole
+  retraining is one compiled program: a ``lax.scan`` over the epochs' learning rates (an
+  argument) whose body is the learner's own epoch program (its shuffle, then a scan over the
+  memory's batches, the last one padded and masked), run with GDumb's optimizer and batch size.
+  It is compiled once per distinct memory size: while the memory fills (one size per task until
+  it is full), then never again.
   The run's ``optimizer`` section is not used; ``benchmark.augment`` augments the batches.
 * Prediction: in class-IL and domain-IL only the classes present in the memory (a mask, an
   argument of the evaluation program); in task-IL the task's units, as for every algorithm.
 
-Seeds run one after another (the retraining is a loop of epoch programs of its own).
+Seeds run one after another (the retraining is a program of its own, run between tasks).
 """
 
 from __future__ import annotations
@@ -146,8 +147,10 @@ class GDumb(JaxLearner):
         self.tx = sgd(SimpleNamespace(lr=float(a.lr), momentum=float(a.momentum), nesterov=False,
                                       weight_decay=float(a.weight_decay), grad_clip_norm=a.clip_grad_norm))
         self.batch_size = int(a.batch_size)
-        self.opt_state = self.put(set_lr(jax.jit(self.tx.init)(self.params), float(a.lr)))
+        self._opt_init = jax.jit(self.tx.init)
+        self.opt_state = self.put(set_lr(self._opt_init(self.params), float(a.lr)))
         self.retrain_losses: list[float] = []
+        self._retrain_fn = jax.jit(self._retrain_program)
 
     def train_epoch(self, task, epoch: int) -> dict:
         """The sampler sees the task's samples once (in a random order); no step is taken."""
@@ -176,7 +179,7 @@ class GDumb(JaxLearner):
         """Train the re-initialised model on the memory; returns each epoch's mean loss."""
         a = self.cfg.algo
         self.reinitialize()
-        self.opt_state = self.put(set_lr(jax.jit(self.tx.init)(self.params), float(a.lr)))
+        self.opt_state = self.put(set_lr(self._opt_init(self.params), float(a.lr)))
         n = len(self.memory)
         if n == 0:
             return []
@@ -186,16 +189,13 @@ class GDumb(JaxLearner):
         bs = self.batch_size
         sizes = np.full(-(-n // bs), bs, np.float64)
         sizes[-1] = n - bs * (len(sizes) - 1)
-        losses = []
-        for epoch in range(int(a.epochs)):
-            lr = sgdr_lr(epoch, a.lr, a.lr_min) if a.lr_schedule == "sgdr" else a.lr
-            self.opt_state = set_lr(self.opt_state, lr)
-            carry = (self.params, self.opt_state, tuple(p.state for p in self.parts), self.key)
-            carry, step_losses = self._epoch_fn(carry, x, y, t, self.mask_table)
-            self.params, self.opt_state, part_states, self.key = carry
-            for p, s in zip(self.parts, part_states):
-                p.state = s
-            losses.append(step_losses)
+        lrs = [sgdr_lr(e, a.lr, a.lr_min) if a.lr_schedule == "sgdr" else a.lr for e in range(int(a.epochs))]
+        carry = (self.params, self.opt_state, tuple(p.state for p in self.parts), self.key)
+        carry, losses = self._retrain_fn(carry, self.put(np.asarray(lrs, np.float32)), x, y, t, self.mask_table)
+        self.params, self.opt_state, part_states, self.key = carry
+        for p, s in zip(self.parts, part_states):
+            p.state = s
+        losses = np.asarray(losses)  # (epochs, steps)
         out = [float(np.dot(np.asarray(v), sizes) / n) for v in losses]
         if self.check_finite and not all(np.isfinite(out)):
             from cl_runner.errors import TrainingDivergedError
@@ -203,6 +203,20 @@ class GDumb(JaxLearner):
             raise TrainingDivergedError(f"GDumb's retraining on the memory diverged (epoch losses {out}); "
                                         f"lower algo.lr or set algo.clip_grad_norm.")
         return out
+
+    def _retrain_program(self, carry, lrs, x, y, t, mask_table):
+        """All epochs of a retraining in one program: a scan over the epochs' learning rates,
+        each epoch the learner's epoch program (its own shuffle and scan over the batches)."""
+        self.trace_counts["retrain"] += 1
+
+        def epoch(c, lr):
+            params, opt_state, part_states, key = c
+            hyper = dict(opt_state.hyperparams)
+            hyper["learning_rate"] = lr.astype(hyper["learning_rate"].dtype)
+            opt_state = opt_state._replace(hyperparams=hyper)
+            return self._epoch_program((params, opt_state, part_states, key), x, y, t, mask_table)
+
+        return jax.lax.scan(epoch, carry, lrs)
 
     # -- evaluation ----------------------------------------------------------------------------
     def eval_params(self):
