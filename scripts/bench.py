@@ -291,6 +291,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="3 tasks x 10k samples")
     ap.add_argument("--json", default=None, help="also write the table as JSON here")
     ap.add_argument("--algorithms", action="store_true", help="steps/s of every algorithm vs naive, both backends")
+    ap.add_argument("--cases", default="torch,jax,seeds",
+                    help="which rows to run, comma-separated among torch, jax, seeds (default: all)")
     args = ap.parse_args()
     if args.algorithms:
         args.cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="bench-streams-")
@@ -310,24 +312,32 @@ def main() -> None:
 
     build_s, load_s = time_data(args)
     build_stream(validate_config(reference_config(args, "naive"))[0].benchmark, 0, args.data_dir, args.cache_dir)
+    cases = {c.strip() for c in args.cases.split(",") if c.strip()}
+    unknown = cases - {"torch", "jax", "seeds"}
+    if unknown:
+        ap.error(f"--cases: unknown {sorted(unknown)}; choose among torch, jax, seeds")
     rows = []
-    base_naive, _ = hand_written(args, ewc=False)
-    clrun_naive, res_naive = time_clrun(args, "naive")
-    rows.append(("torch naive", clrun_naive, base_naive, res_naive))
-    base_ewc, _ = hand_written(args, ewc=True)
-    clrun_ewc, res_ewc = time_clrun(args, "ewc")
-    rows.append(("torch ewc", clrun_ewc, base_ewc, res_ewc))
-    base_jax, _ = jax_hand_written(args, ewc=False)
-    one_seed, res_one = time_clrun(args, "naive", "jax")
-    rows.append(("jax naive", one_seed, base_jax, res_one))
-    base_jax_ewc, _ = jax_hand_written(args, ewc=True)
-    clrun_jax_ewc, res_jax_ewc = time_clrun(args, "ewc", "jax")
-    rows.append(("jax ewc", clrun_jax_ewc, base_jax_ewc, res_jax_ewc))
-    five_seeds, res_five = time_clrun(args, "naive", "jax", seeds=[0, 1, 2, 3, 4])
-    res_five = {**res_five, "steps_per_s": 5 * res_one["steps"] / five_seeds}  # all seeds' steps
-    rows.append(("jax x5 seeds", five_seeds, one_seed, res_five))
+    if "torch" in cases:
+        base_naive, _ = hand_written(args, ewc=False)
+        clrun_naive, res_naive = time_clrun(args, "naive")
+        rows.append(("torch naive", clrun_naive, base_naive, res_naive))
+        base_ewc, _ = hand_written(args, ewc=True)
+        clrun_ewc, res_ewc = time_clrun(args, "ewc")
+        rows.append(("torch ewc", clrun_ewc, base_ewc, res_ewc))
+    if "jax" in cases or "seeds" in cases:
+        one_seed, res_one = time_clrun(args, "naive", "jax")
+    if "jax" in cases:
+        base_jax, _ = jax_hand_written(args, ewc=False)
+        rows.append(("jax naive", one_seed, base_jax, res_one))
+        base_jax_ewc, _ = jax_hand_written(args, ewc=True)
+        clrun_jax_ewc, res_jax_ewc = time_clrun(args, "ewc", "jax")
+        rows.append(("jax ewc", clrun_jax_ewc, base_jax_ewc, res_jax_ewc))
+    if "seeds" in cases:
+        five_seeds, res_five = time_clrun(args, "naive", "jax", seeds=[0, 1, 2, 3, 4])
+        res_five = {**res_five, "steps_per_s": 5 * res_one["steps"] / five_seeds}  # all seeds' steps
+        rows.append(("jax x5 seeds", five_seeds, one_seed, res_five))
 
-    steps = res_naive["steps"]
+    steps = rows[0][3]["steps"] if rows else 0
     print(f"\nreference: rotatedmnist {args.tasks} tasks x {args.subset or 60000} samples, "
           f"{steps} steps, batch 10, MLP 2x256; {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, torch {torch.__version__}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import io
 from pathlib import Path
 
 import pytest
@@ -11,13 +10,9 @@ import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from rich.console import Console
-
-from cl_runner import catalog
 from cl_runner.config import validate_config
 from cl_runner.config.schema import AlgoConfig, RunConfig
 from cl_runner.errors import ConfigError
-from cl_runner.experiment import run_experiment
 from cl_runner.registry import ALGORITHMS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -242,19 +237,6 @@ def test_sequel_files_of_other_algorithms(name, expected):
     if name == "lamaml":
         assert typed.training.epochs_per_task == 1
         assert "'training.epoch_per_task' is read as 'training.epochs_per_task'." in warnings
-
-
-@pytest.mark.parametrize("name", ["lamaml", "mcsgd"])
-def test_sequel_file_without_implementation_fails_before_loading_data(name, tmp_path):
-    raw = load_sequel(name)
-    catalog.load_backend("torch")
-    if name not in ALGORITHMS or "torch" in ALGORITHMS.entry(name).backends:
-        pytest.skip(f"{name} is either unknown (see above) or implemented")
-    # A schema without an implementation: a clear error, before any data is looked for
-    # (data_dir is empty, so reaching the data would raise a DataError instead).
-    raw["data_dir"] = str(tmp_path / "no-data")
-    with pytest.raises(ConfigError, match=f"'{name}'.*(no implementation|not available)"):
-        run_experiment(raw, tmp_path / "out", console=Console(file=io.StringIO()))
 
 
 # -- conf/ composed with Hydra ------------------------------------------------------------------
