@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 from dataclasses import dataclass
 from typing import Optional
 
@@ -86,3 +88,18 @@ class KCLConfig(AlgoConfig):
         if algo.inference_width is not None and algo.inference_width <= 0:
             raise ConfigError(f"config key 'algo.inference_width' must be positive (or null), "
                               f"got {algo.inference_width}.")
+
+
+def apply_regime(cfg):
+    """A copy of ``cfg`` with the stable regime's keys written into the sections they replace."""
+    cfg = copy.deepcopy(cfg)
+    algo = cfg.algo
+    if algo.dropout is not None:
+        cfg.backbone.dropout = float(algo.dropout)
+    if algo.lr is not None:
+        cfg.optimizer.lr = float(algo.lr)
+    if algo.lr_decay is not None:
+        cfg.optimizer.lr_decay = float(algo.lr_decay)
+    if algo.batch_size is not None:
+        cfg.benchmark.batch_size = int(algo.batch_size)
+    return cfg

@@ -39,44 +39,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cl_runner.algorithms.replay import _solve_qp, gem_dual
 from cl_runner.backends.jax.learner import JaxLearner, Part, cross_entropy
 from cl_runner.backends.jax.memory import MemoryPart, ReplayMemory, derived_seed
-from cl_runner.errors import ConfigError
 from cl_runner.registry import ALGORITHMS
 
 tmap = jax.tree_util.tree_map
 leaves = jax.tree_util.tree_leaves
-
-
-def _solve_qp():
-    try:
-        import quadprog
-    except ImportError:  # pragma: no cover - quadprog is a declared dependency
-        raise ConfigError("algo=gem solves a quadratic program with the quadprog package, which is not "
-                          "installed: pip install quadprog (or pip install -e '.[algos]').") from None
-    return quadprog.solve_qp
-
-
-def gem_dual(gram: np.ndarray, dots: np.ndarray, margin: float) -> np.ndarray:
-    """v minimising 1/2 v^T P v + q^T v subject to v >= margin (P = ``gram``, q = ``dots``), in
-    float64 with quadprog.
-
-    quadprog needs P positive definite; past-task gradients are linearly independent in practice,
-    and when they are not, a ridge growing from 1e-10 of P's mean diagonal is added until the
-    factorisation succeeds (as on the PyTorch backend)."""
-    solve_qp = _solve_qp()
-    gram = np.asarray(gram, np.float64)
-    dots = np.asarray(dots, np.float64)
-    t = len(dots)
-    P = 0.5 * (gram + gram.T)
-    scale = max(float(np.trace(P)) / t, np.finfo(np.float64).tiny)
-    identity = np.eye(t)
-    for ridge in (0.0, 1e-10, 1e-7, 1e-4, 1e-2):
-        try:
-            return solve_qp(P + ridge * scale * identity, -dots, identity, np.full(t, float(margin)))[0]
-        except ValueError:  # "matrix G is not positive definite"
-            continue
-    raise ValueError("GEM's quadratic program could not be solved: the past tasks' gradients are degenerate")
 
 
 def _host_dual(gram, dots, active, margin):

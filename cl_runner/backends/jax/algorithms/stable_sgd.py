@@ -16,25 +16,9 @@ is in the optimizer state (optim.py), so its decay between tasks costs no recomp
 
 from __future__ import annotations
 
-import copy
-
+from cl_runner.algorithms.others import apply_regime
 from cl_runner.backends.jax.learner import JaxLearner
 from cl_runner.registry import ALGORITHMS
-
-
-def apply_regime(cfg):
-    """A copy of ``cfg`` with the stable regime's keys written into the sections they replace."""
-    cfg = copy.deepcopy(cfg)
-    algo = cfg.algo
-    if algo.dropout is not None:
-        cfg.backbone.dropout = float(algo.dropout)
-    if algo.lr is not None:
-        cfg.optimizer.lr = float(algo.lr)
-    if algo.lr_decay is not None:
-        cfg.optimizer.lr_decay = float(algo.lr_decay)
-    if algo.batch_size is not None:
-        cfg.benchmark.batch_size = int(algo.batch_size)
-    return cfg
 
 
 @ALGORITHMS.register("stable_sgd", backend="jax")

@@ -19,43 +19,13 @@ G G^T are computed on the device, and only the t x t problem goes to the host. I
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cl_runner.algorithms.replay import _solve_qp, gem_dual
 from cl_runner.backends.torch.learner import Part, TorchLearner
 from cl_runner.backends.torch.memory import ReplayMemory
-from cl_runner.errors import ConfigError
 from cl_runner.registry import ALGORITHMS
-
-
-def _solve_qp():
-    try:
-        import quadprog
-    except ImportError:  # pragma: no cover - quadprog is a declared dependency
-        raise ConfigError("algo=gem solves a quadratic program with the quadprog package, which is not "
-                          "installed: pip install quadprog (or pip install -e '.[algos]').") from None
-    return quadprog.solve_qp
-
-
-def gem_dual(gram: np.ndarray, dots: np.ndarray, margin: float) -> np.ndarray:
-    """v minimising 1/2 v^T P v + q^T v subject to v >= margin (P = G G^T, q = G g), float64.
-
-    quadprog needs P positive definite; past-task gradients are linearly independent in practice,
-    and when they are not, a ridge growing from 1e-10 of P's mean diagonal is added until the
-    factorisation succeeds (it loosens each constraint by ridge * v_k).
-    """
-    solve_qp = _solve_qp()
-    t = len(dots)
-    P = 0.5 * (gram + gram.T)
-    scale = max(float(np.trace(P)) / t, np.finfo(np.float64).tiny)
-    identity = np.eye(t)
-    for ridge in (0.0, 1e-10, 1e-7, 1e-4, 1e-2):
-        try:
-            return solve_qp(P + ridge * scale * identity, -dots, identity, np.full(t, float(margin)))[0]
-        except ValueError:  # "matrix G is not positive definite"
-            continue
-    raise ValueError("GEM's quadratic program could not be solved: the past tasks' gradients are degenerate")
 
 
 @torch.no_grad()
