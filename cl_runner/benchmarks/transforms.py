@@ -80,14 +80,20 @@ def rotate(images: np.ndarray, angles_deg, interpolation: str = "nearest", chunk
 
 def _rotate_block(flat: np.ndarray, angles: np.ndarray, h: int, w: int, interpolation: str) -> np.ndarray:
     """Rotate (n, C, h*w) by ``angles`` of length 1 (shared) or n (one per image)."""
-    padded = np.concatenate([flat, np.zeros(flat.shape[:2] + (1,), flat.dtype)], axis=2)
-    zero = h * w  # index of the padding pixel
+    padded = None
 
     def gather(ix: np.ndarray, iy: np.ndarray) -> np.ndarray:
+        nonlocal padded
         inside = (ix >= 0) & (ix < w) & (iy >= 0) & (iy < h)
-        idx = np.where(inside, iy * w + ix, zero)
-        if idx.shape[0] == 1:
-            return padded[:, :, idx[0]]
+        if ix.shape[0] == 1:
+            # One angle for the block: a column gather with np.take (several times faster than
+            # fancy indexing), then the pixels from outside the image set to 0.
+            out = np.take(flat, np.where(inside[0], iy[0] * w + ix[0], 0), axis=2)
+            out[:, :, ~inside[0]] = 0
+            return out
+        if padded is None:
+            padded = np.concatenate([flat, np.zeros(flat.shape[:2] + (1,), flat.dtype)], axis=2)
+        idx = np.where(inside, iy * w + ix, h * w)  # h*w: the padding pixel, always 0
         return np.take_along_axis(padded, idx[:, None, :], axis=2)
 
     if interpolation == "nearest":
@@ -108,7 +114,8 @@ def _rotate_block(flat: np.ndarray, angles: np.ndarray, h: int, w: int, interpol
 def permute_pixels(images: np.ndarray, permutation: np.ndarray) -> np.ndarray:
     """Apply one pixel permutation (over H*W, shared by the channels) to every image."""
     n, c, h, w = images.shape
-    return images.reshape(n, c, h * w)[:, :, permutation].reshape(n, c, h, w)
+    # np.take is several times faster than fancy indexing for a gather along the last axis.
+    return np.take(images.reshape(n, c, h * w), permutation, axis=2).reshape(n, c, h, w)
 
 
 def pad(images: np.ndarray, size: int) -> np.ndarray:
