@@ -22,6 +22,7 @@ from cl_runner.config import validate_config
 from cl_runner.core.callbacks import Callback
 from cl_runner.core.loop import ContinualLoop
 from cl_runner.registry import ALGORITHMS, BACKBONES, PLUGINS
+from cl_runner.sweeps import usable_cores
 from cl_runner.utils.io import atomic_write_json, check_writable
 
 
@@ -33,7 +34,7 @@ def choose_threads(threads, backbone_cfg, batch_size: int, cpu_count: int | None
     evaluation batches of 1000+ samples do gain from every core. ``auto`` therefore trains small
     fully connected models on one thread, and uses all cores otherwise and for evaluation.
     """
-    cores = cpu_count or os.cpu_count() or 1
+    cores = cpu_count or usable_cores()
     if threads != "auto":
         return int(threads), int(threads)
     small = backbone_cfg.type == "mlp" and batch_size * backbone_cfg.width <= 64 * 1024

@@ -33,6 +33,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cl_runner.sweeps import usable_cores
+
 REPO = Path(__file__).resolve().parent.parent
 EXPECTED_DIR = REPO / "expected_results"
 TIERS = ("ci", "cpu", "gpu")
@@ -199,7 +201,7 @@ def main(argv=None) -> int:
     p.add_argument("names", nargs="*", help="names or globs of experiment files (default: all of the tier)")
     p.add_argument("--tier", choices=(*TIERS, "all"), default=None,
                    help="run the files of this tier (default: all files when names are given, else ci)")
-    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs side by side")
+    p.add_argument("--jobs", type=int, default=usable_cores(), help="runs side by side")
     p.add_argument("--max-seeds", type=int, default=None, help="run at most this many seeds per case")
     p.add_argument("--backend", choices=("torch", "jax"), default=None, help="override each file's backend")
     p.add_argument("--data-dir", default=os.environ.get("CLRUN_DATA_DIR"))
@@ -222,7 +224,7 @@ def main(argv=None) -> int:
             print(f"{c.name:32s} {c.tier:4s} {c.metric} {c.value:.2f} +- {c.tolerance:.2f}  seeds {c.seeds}")
         return 0
     jobs = max(1, args.jobs)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = max(1, usable_cores() // jobs)
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="clrun-regress-"))
     work = []
     for c in cases:

@@ -14,6 +14,26 @@ import pytest
 from cl_runner.data.idx import write_idx
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def _pin_parallel_worker() -> None:
+    """Under pytest-xdist (``-n N``), give each worker its own share of the cores.
+
+    Each worker's torch, XLA and the ``clrun`` processes it starts then size their thread pools
+    to that share (clrun's ``threads: auto`` follows the CPU affinity), instead of every worker
+    spreading over all cores and the workers slowing each other down.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if not worker.startswith("gw") or count < 2 or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < count:
+        return
+    os.sched_setaffinity(0, cores[int(worker[2:]) % count::count])
+
+
+_pin_parallel_worker()
 SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
 
 
