@@ -132,3 +132,15 @@ def test_regress_end_to_end_averages_seeds(tmp_path, tiny_data_dir):
     row = next(line for line in text.splitlines() if line.startswith("| der_seqmnist_sgd"))
     assert f"| {mean:.2f} +- " in row and f"| 2/10 | {status} |" in row
     assert "capped at 2 seeds" in text
+
+
+def test_regress_reads_the_previous_reports_minutes(tmp_path):
+    """The scheduler's durations come from the minutes column of the previous report."""
+    regress = load_regress()
+    report = tmp_path / "RESULTS.md"
+    report.write_text("# x\n\n| name | metric | published | measured mean +- std | delta | tolerance | seeds "
+                      "| status | minutes |\n|---|---|---|---|---|---|---|---|---|\n"
+                      "| a_case | avg_acc | 50.00 | 49.00 +- 1.00 | -1.00 | 3.00 | 3/10 | PASS | 4.7 |\n"
+                      "| b_case | avg_acc | 50.00 | - | - | 3.00 | 0/10 | ERROR | 0.3 |\n")
+    assert regress.previous_minutes(report) == {"a_case": 4.7, "b_case": 0.3}
+    assert regress.previous_minutes(tmp_path / "missing.md") == {}

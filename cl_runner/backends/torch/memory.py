@@ -280,6 +280,13 @@ class ReplayMemory:
             self._ranges_cache = {key: idx.to(self.device)}
         return self._ranges_cache[key]
 
+    def task_rows(self, task_id: int):
+        """(x, y, task ids) of one task's stored samples under the ``ring`` policy: views of
+        the buffers (task t owns rows t*per_task .. t*per_task + filled), no copy."""
+        lo = task_id * self.per_task
+        hi = lo + min(self.task_counts[task_id], self.per_task)
+        return self.x[lo:hi], self.y[lo:hi], self.t[lo:hi]
+
     def get(self, idx: torch.Tensor):
         """(x, y, task ids, logits or None) of the stored samples ``idx``."""
         logits = self.logits[idx] if self.logits is not None else None

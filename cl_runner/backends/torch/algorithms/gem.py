@@ -70,18 +70,16 @@ class GEMPart(Part):
         code): the cost per step is one pass over the whole memory, whatever the number of tasks.
         """
         learner, mem = self.learner, self.memory
-        idx = mem._ring_slots(self.task_id)
-        mx, my, mt, _ = mem.get(idx)
         params = self.params
         rows = []
         with torch.enable_grad():
             for k in range(self.task_id):
-                sel = (mt == k).nonzero().squeeze(1)
-                if len(sel) == 0:
-                    rows.append(torch.zeros(sum(p.numel() for p in params), device=mx.device))
+                mx, my, mt = mem.task_rows(k)  # views: no gather of the whole memory per step
+                if len(my) == 0:
+                    rows.append(torch.zeros(sum(p.numel() for p in params), device=mem.x.device))
                     continue
-                tk = mt[sel] if learner.masks else None
-                loss = F.cross_entropy(learner.masked(learner.model(mx[sel]), tk), my[sel])
+                tk = mt if learner.masks else None
+                loss = F.cross_entropy(learner.masked(learner.model(mx), tk), my)
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
                 rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
                                        for g, p in zip(grads, params)]))
