@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -12,6 +13,10 @@ from cl_runner.errors import ConfigError
 from cl_runner.registry import ALGORITHMS
 
 NAME = "jax"
+
+# JAX logs at INFO each accelerator platform it probes and does not find ("Unable to initialize
+# backend 'tpu'"); Hydra's logging shows INFO, so every CPU run would print it.
+logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
 
 @dataclass(frozen=True)
