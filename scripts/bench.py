@@ -9,7 +9,9 @@ Rows (PyTorch backend, CPU):
   torch naive : clrun algo=naive           vs a hand-written eager loop doing the same steps
                                               and evaluations on the same tensors
   torch ewc   : clrun algo=ewc             vs the same hand-written loop plus a textbook EWC
-                                              (autograd penalty term, vmap per-sample Fisher)
+                                              (the penalty one autograd term built from the
+                                              running sums of F and F*theta*, vmap per-sample
+                                              Fisher)
 Rows (JAX backend, CPU):
   jax naive   : clrun backend=jax algo=naive vs a minimal hand-written jit + lax.scan loop
                                               (one compiled program per epoch, jitted evaluation)
@@ -17,11 +19,13 @@ Rows (JAX backend, CPU):
                                               penalty, vmap per-sample Fisher)
   jax x5 seeds: clrun backend=jax algo=naive seeds=[0,1,2,3,4] (all five seeds in one vmapped
                 program per epoch) vs clrun backend=jax algo=naive seed=0 (one seed); a ratio
-                below 5 is what training the seeds together saves over running them in turn
+                below 5 is what training the seeds together saves over running them in turn.
+                With --quick the rows are naive's only (--algos naive,ewc adds EWC's); with
+                --algos ewc the seeds row is EWC x5 against the jax ewc row's one seed.
 Data rows: building the 20 rotated tasks from the IDX files, and loading them from the cache.
 
-    python scripts/bench.py --data-dir ../shared/data            # full reference (~10 min)
-    python scripts/bench.py --data-dir ../shared/data --quick    # 3 tasks x 10k (< 1 min)
+    python scripts/bench.py --data-dir ../shared/data            # full reference (~30 min)
+    python scripts/bench.py --data-dir ../shared/data --quick    # 3 tasks x 10k, naive rows (< 1 min)
     python scripts/bench.py --algorithms                         # steps/s of every algorithm vs naive
 
 ``--algorithms``: every algorithm on both backends on a short Rotated MNIST stream (3 tasks x
@@ -100,7 +104,10 @@ def hand_written(args, ewc: bool) -> tuple[float, float]:
                           nn.Linear(256, 256), nn.ReLU(), nn.Dropout(0.2), nn.Linear(256, 10))
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.8)
     tests = [(prep(t.test_x), torch.from_numpy(np.asarray(t.test_y))) for t in stream.tasks]
-    fishers, anchors = [], []
+    # EWC's penalty sum_k F_k (theta - theta*_k)^2 / 2 as one autograd term from the running sums
+    # sum_k F_k and sum_k F_k theta*_k (the constant sum_k F_k theta*_k^2 has no gradient): the
+    # same steps as a term per past task, at the cost of one.
+    fisher_sum, fisher_anchor, consolidated = None, None, False
     gen = torch.Generator().manual_seed(0)
     for task in stream.tasks:
         torch.set_num_threads(train_threads)
@@ -110,9 +117,9 @@ def hand_written(args, ewc: bool) -> tuple[float, float]:
         model.train()
         for lo in range(0, len(y), 10):
             loss = F.cross_entropy(model(x[lo:lo + 10]), y[lo:lo + 10])
-            if fishers:
-                pen = sum((f * (p - a) ** 2).sum() for fs, ans in zip(fishers, anchors)
-                          for f, p, a in zip(fs, model.parameters(), ans))
+            if consolidated:
+                pen = sum((f * p * p).sum() - 2 * (fa * p).sum()
+                          for f, fa, p in zip(fisher_sum, fisher_anchor, model.parameters()))
                 loss = loss + 0.5 * pen
             opt.zero_grad()
             loss.backward()
@@ -131,8 +138,13 @@ def hand_written(args, ewc: bool) -> tuple[float, float]:
             for lo in range(0, 1024, 256):
                 for n, v in g(params, x[lo:lo + 256], y[lo:lo + 256]).items():
                     fisher[n] += v.pow(2).sum(0)
-            fishers.append([f / 1024 for f in fisher.values()])
-            anchors.append([p.detach().clone() for p in model.parameters()])
+            fk = [f / 1024 for f in fisher.values()]
+            ak = [p.detach().clone() for p in model.parameters()]
+            if not consolidated:
+                fisher_sum, fisher_anchor = [torch.zeros_like(f) for f in fk], [torch.zeros_like(f) for f in fk]
+            fisher_sum = [s + f for s, f in zip(fisher_sum, fk)]
+            fisher_anchor = [s + f * a for s, f, a in zip(fisher_anchor, fk, ak)]
+            consolidated = True
         torch.set_num_threads(eval_threads)
         model.eval()
         with torch.inference_mode():
@@ -269,19 +281,21 @@ def algorithm_speeds(args) -> list[dict]:
     return out
 
 
-def time_data(args) -> tuple[float, float]:
+def time_data(args) -> tuple[float, float, str]:
+    """(seconds to build the reference stream and write it to an empty cache, seconds to load it
+    from that cache, that cache's folder)."""
     cfg, _ = validate_config(reference_config(args, "naive"))
-    tmp = tempfile.mkdtemp(prefix="bench-cache-")
+    tmp = tempfile.mkdtemp(prefix="bench-streams-")
     t0 = time.perf_counter()
     build_stream(cfg.benchmark, 0, args.data_dir, tmp)
     build = time.perf_counter() - t0
     t0 = time.perf_counter()
     s = build_stream(cfg.benchmark, 0, args.data_dir, tmp)
-    for t in s.tasks:  # touch every byte, as a run does
-        float(np.asarray(t.train_x[-1]).sum() + np.asarray(t.test_x[-1]).sum())
+    for t in s.tasks:  # touch every page, as a run does
+        for part in (t.train_x, t.test_x):
+            int(np.asarray(part).reshape(len(part), -1)[:, ::1024].sum())
     load = time.perf_counter() - t0
-    shutil.rmtree(tmp, ignore_errors=True)
-    return build, load
+    return build, load, tmp
 
 
 def main() -> None:
@@ -291,6 +305,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="3 tasks x 10k samples")
     ap.add_argument("--json", default=None, help="also write the table as JSON here")
     ap.add_argument("--algorithms", action="store_true", help="steps/s of every algorithm vs naive, both backends")
+    ap.add_argument("--algos", default=None,
+                    help="algorithms of the torch and jax rows, among naive, ewc (default: naive,ewc; "
+                         "with --quick naive only)")
     ap.add_argument("--cases", default="torch,jax,seeds",
                     help="which rows to run, comma-separated among torch, jax, seeds (default: all)")
     args = ap.parse_args()
@@ -308,50 +325,64 @@ def main() -> None:
             Path(args.json).write_text(json.dumps(rows, indent=2))
         return
     args.tasks, args.subset = (3, 10000) if args.quick else (20, None)
-    args.cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="bench-streams-")
+    build_s, load_s, data_cache = time_data(args)
+    if args.cache_dir is None:  # the timed runs read the stream just built
+        args.cache_dir = data_cache
+    else:
+        shutil.rmtree(data_cache, ignore_errors=True)
+        build_stream(validate_config(reference_config(args, "naive"))[0].benchmark, 0, args.data_dir,
+                     args.cache_dir)
+    try:
+        run_rows(ap, args, build_s, load_s)
+    finally:
+        shutil.rmtree(data_cache, ignore_errors=True)
 
-    build_s, load_s = time_data(args)
-    build_stream(validate_config(reference_config(args, "naive"))[0].benchmark, 0, args.data_dir, args.cache_dir)
+
+def run_rows(ap, args, build_s: float, load_s: float) -> None:
     cases = {c.strip() for c in args.cases.split(",") if c.strip()}
     unknown = cases - {"torch", "jax", "seeds"}
     if unknown:
         ap.error(f"--cases: unknown {sorted(unknown)}; choose among torch, jax, seeds")
+    algos = [a.strip() for a in (args.algos or ("naive" if args.quick else "naive,ewc")).split(",") if a.strip()]
+    if not algos or set(algos) - {"naive", "ewc"}:
+        ap.error(f"--algos: choose among naive, ewc (got {args.algos})")
+    # The seeds row vectorises naive when it is measured, else the reference algorithm.
+    seeds_algo = "naive" if "naive" in algos else algos[0]
     rows = []
     if "torch" in cases:
-        base_naive, _ = hand_written(args, ewc=False)
-        clrun_naive, res_naive = time_clrun(args, "naive")
-        rows.append(("torch naive", clrun_naive, base_naive, res_naive))
-        base_ewc, _ = hand_written(args, ewc=True)
-        clrun_ewc, res_ewc = time_clrun(args, "ewc")
-        rows.append(("torch ewc", clrun_ewc, base_ewc, res_ewc))
-    if "jax" in cases or "seeds" in cases:
-        one_seed, res_one = time_clrun(args, "naive", "jax")
-    if "jax" in cases:
-        base_jax, _ = jax_hand_written(args, ewc=False)
-        rows.append(("jax naive", one_seed, base_jax, res_one))
-        base_jax_ewc, _ = jax_hand_written(args, ewc=True)
-        clrun_jax_ewc, res_jax_ewc = time_clrun(args, "ewc", "jax")
-        rows.append(("jax ewc", clrun_jax_ewc, base_jax_ewc, res_jax_ewc))
+        for algo in algos:
+            base, _ = hand_written(args, ewc=algo == "ewc")
+            ours, res = time_clrun(args, algo)
+            rows.append((f"torch {algo}", ours, base, res))
+    one_seed = {}
+    for algo in algos:
+        if "jax" in cases or ("seeds" in cases and algo == seeds_algo):
+            one_seed[algo] = time_clrun(args, algo, "jax")
+        if "jax" in cases:
+            base, _ = jax_hand_written(args, ewc=algo == "ewc")
+            rows.append((f"jax {algo}", *one_seed[algo][:1], base, one_seed[algo][1]))
     if "seeds" in cases:
-        five_seeds, res_five = time_clrun(args, "naive", "jax", seeds=[0, 1, 2, 3, 4])
+        one_s, res_one = one_seed[seeds_algo]
+        five_seeds, res_five = time_clrun(args, seeds_algo, "jax", seeds=[0, 1, 2, 3, 4])
         res_five = {**res_five, "steps_per_s": 5 * res_one["steps"] / five_seeds}  # all seeds' steps
-        rows.append(("jax x5 seeds", five_seeds, one_seed, res_five))
+        rows.append((f"jax {seeds_algo} x5 seeds" if seeds_algo != "naive" else "jax x5 seeds",
+                     five_seeds, one_s, res_five))
 
     steps = rows[0][3]["steps"] if rows else 0
     print(f"\nreference: rotatedmnist {args.tasks} tasks x {args.subset or 60000} samples, "
           f"{steps} steps, batch 10, MLP 2x256; {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, torch {torch.__version__}")
-    print(f"{'case':<14} {'clrun s':>9} {'baseline s':>11} {'ratio':>7} {'steps/s':>9} {'avg acc':>8}")
+    print(f"{'case':<18} {'clrun s':>9} {'baseline s':>11} {'ratio':>7} {'steps/s':>9} {'avg acc':>8}")
     table = []
     for name, ours, base, res in rows:
-        print(f"{name:<14} {ours:>9.1f} {base:>11.1f} {ours / base:>7.2f} {res['steps_per_s']:>9.0f} "
+        print(f"{name:<18} {ours:>9.1f} {base:>11.1f} {ours / base:>7.2f} {res['steps_per_s']:>9.0f} "
               f"{res['avg_acc']:>8.2f}")
         table.append({"case": name, "clrun_s": ours, "baseline_s": base, "ratio": ours / base,
                       "steps_per_s": res["steps_per_s"], "avg_acc": res["avg_acc"]})
-    print("(jax x5 seeds: 'clrun s' is the five seeds trained together, 'baseline s' one seed alone, "
+    print("(x5 seeds: 'clrun s' is the five seeds trained together, 'baseline s' one seed alone, "
           "steps/s counts every seed's steps, avg acc is the mean over the seeds)")
-    print(f"{'data build':<14} {build_s:>9.1f}")
-    print(f"{'data cached':<14} {load_s:>9.1f}")
+    print(f"{'data build':<18} {build_s:>9.1f}")
+    print(f"{'data cached':<18} {load_s:>9.1f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": table, "data_build_s": build_s,
                                                "data_cached_s": load_s, "quick": args.quick}, indent=2))

@@ -339,10 +339,15 @@ def test_cache_returns_equal_arrays_without_reading_data(tiny_data_dir, tmp_path
 def test_damaged_cache_entry_is_rebuilt(tiny_data_dir, tmp_path):
     kw = dict(name="rotatedmnist", num_tasks=2, cache=True)
     first = build(tiny_data_dir, cache_dir=tmp_path, **kw)
+    # A copy: the built stream reads its arrays from the cache files (memory maps), and the
+    # file is about to be overwritten in place.
+    expected = np.array(first.tasks[1].test_x)
+    assert isinstance(first.tasks[1].test_x, np.memmap)
     entry = next((tmp_path / "streams").iterdir())
+    del first
     (entry / "task1_test_x.npy").write_bytes(b"garbage")
     again = build(tiny_data_dir, cache_dir=tmp_path, **kw)
-    np.testing.assert_array_equal(again.tasks[1].test_x, first.tasks[1].test_x)
+    np.testing.assert_array_equal(again.tasks[1].test_x, expected)
 
 
 def test_cache_off_writes_nothing(tiny_data_dir, tmp_path):

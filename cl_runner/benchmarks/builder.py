@@ -125,14 +125,20 @@ def build_stream(bcfg, seed: int, data_dir=None, cache_dir=None, use_cache: bool
 
 
 def save_cached(stream: Stream, path: Path) -> None:
-    """Write the stream under ``path`` atomically (a temporary folder renamed into place)."""
+    """Write the stream under ``path`` atomically (a temporary folder renamed into place).
+
+    Each array, once written, is replaced in the stream by a read-only memory map of its file,
+    so the built copy is freed task by task and the run reads the same pages the cache holds
+    (a 20-task stream is over a gigabyte: holding it twice costs memory and page faults)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
     try:
         tasks_meta = []
         for t in stream.tasks:
             for part in ("train_x", "train_y", "test_x", "test_y"):
-                np.save(tmp / f"task{t.id}_{part}.npy", getattr(t, part))
+                file = tmp / f"task{t.id}_{part}.npy"
+                np.save(file, getattr(t, part))
+                setattr(t, part, np.load(file, mmap_mode="r"))
             tasks_meta.append({"id": t.id, "classes": t.classes.tolist(), "info": t.info})
         meta = {"name": stream.name, "scenario": stream.scenario, "num_outputs": stream.num_outputs,
                 "input_shape": list(stream.input_shape), "mean": list(stream.mean),
