@@ -98,7 +98,7 @@ def hand_written(args, ewc: bool) -> tuple[float, float]:
     mean, std = stream.mean[0], stream.std[0]
 
     def prep(x):
-        return (torch.from_numpy(np.ascontiguousarray(x)).float().div_(255).sub_(mean).div_(std))
+        return (torch.from_numpy(np.array(x)).float().div_(255).sub_(mean).div_(std))  # a copy: x may be a read-only map
 
     model = nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Dropout(0.2),
                           nn.Linear(256, 256), nn.ReLU(), nn.Dropout(0.2), nn.Linear(256, 10))
