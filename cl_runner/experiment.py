@@ -225,7 +225,7 @@ def print_expected(e: dict, console: Console) -> None:
 #: The metrics aggregate.json summarises over seeds.
 AGGREGATE_METRICS = ("avg_acc", "forgetting", "bwt", "fwt")
 #: Also summarised when the runs have them (training.eval_task_il).
-AGGREGATE_TASK_IL_METRICS = ("avg_acc_task_il", "forgetting_task_il", "bwt_task_il")
+AGGREGATE_TASK_IL_METRICS = metrics.TASK_IL_KEYS
 
 
 def run_seeds(typed, out: Path, console: Console, err_console: Console, callbacks, cpu_count,

@@ -67,6 +67,10 @@ def summarize(R: np.ndarray, initial: np.ndarray | None = None) -> dict:
     }
 
 
+#: The keys of ``summarize_task_il``.
+TASK_IL_KEYS = ("avg_acc_task_il", "forgetting_task_il", "bwt_task_il")
+
+
 def summarize_task_il(R: np.ndarray) -> dict:
     """The summary of the task-IL accuracy matrix of a class-IL run (``training.eval_task_il``).
     No forward transfer: the untrained model is evaluated in the stream's own scenario only."""

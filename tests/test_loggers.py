@@ -66,3 +66,24 @@ def test_unknown_logger_lists_valid_ones(tmp_path, tiny_data_dir):
     res = run_clrun([f"data_dir={tiny_data_dir}", "loggers=[jsnl]", *TINY], tmp_path)
     assert res.returncode == 2
     assert "jsonl" in res.stderr and "callback" in res.stderr
+
+
+def test_task_il_metrics_reach_jsonl_and_csv(tmp_path, tiny_data_dir):
+    """A class-IL run with training.eval_task_il: events.jsonl carries each task's task-IL row
+    and the final task-IL summary, and acc_matrix_task_il.csv holds the task-IL matrix, all
+    equal to results.json's."""
+    run_dir = _run(tmp_path, tiny_data_dir, "[jsonl,csv]", ["training.eval_task_il=true"])
+    results = read_results(run_dir)
+    til = np.asarray(results["acc_matrix_task_il"], dtype=float)
+    events = [json.loads(l) for l in (run_dir / "events.jsonl").read_text().splitlines()]
+    tasks = [e for e in events if e["event"] == "task"]
+    assert np.allclose(np.asarray([e["acc_task_il"] for e in tasks], dtype=float), til, equal_nan=True)
+    assert tasks[-1]["avg_acc_seen_task_il"] == pytest.approx(results["avg_acc_task_il"])
+    final = next(e for e in events if e["event"] == "final")
+    for key in ("avg_acc_task_il", "forgetting_task_il", "bwt_task_il"):
+        assert final[key] == pytest.approx(results[key])
+    rows = list(csv.reader((run_dir / "acc_matrix_task_il.csv").open()))
+    matrix = [[float(v) if v else float("nan") for v in r[1:]] for r in rows[1:]]
+    assert np.allclose(matrix, til, atol=1e-4, equal_nan=True)
+    # Task-IL is no harder than class-IL on the same model: every entry at least as high.
+    assert (til[np.tril_indices(3)] >= np.asarray(results["acc_matrix"])[np.tril_indices(3)] - 1e-9).all()

@@ -17,6 +17,7 @@ import numpy as np
 
 from cl_runner.core.callbacks import Callback
 from cl_runner.errors import ConfigError
+from cl_runner.metrics import TASK_IL_KEYS as FINAL_TASK_IL
 from cl_runner.registry import CALLBACKS
 from cl_runner.utils.io import atomic_write_text, to_jsonable
 
@@ -31,6 +32,10 @@ def peak_rss_mb() -> float:
 
 class MetricLogger(Callback):
     """Turns loop events into the four logger events."""
+
+    #: The task-IL accuracy matrix of a class-IL run with training.eval_task_il (else None),
+    #: as of the latest task.
+    acc_matrix_task_il: np.ndarray | None = None
 
     def __init__(self, run_dir: Path, cfg):
         self.run_dir = Path(run_dir)
@@ -66,6 +71,11 @@ class MetricLogger(Callback):
             "loss": s.epoch_losses[-1][-1] if s.epoch_losses[-1] else None,
             "peak_rss_mb": peak_rss_mb(),
         }
+        if s.acc_matrix_task_il is not None:  # training.eval_task_il: the same row, task-IL
+            row_til = s.acc_matrix_task_il[task.id]
+            metrics["acc_task_il"] = row_til.tolist()
+            metrics["avg_acc_seen_task_il"] = float(np.nanmean(row_til[: task.id + 1]))
+        self.acc_matrix_task_il = s.acc_matrix_task_il
         gpu = _gpu_peak_mb()
         if gpu is not None:
             metrics["gpu_peak_mem_mb"] = gpu
@@ -119,7 +129,9 @@ class JsonlLogger(MetricLogger):
     def log_final(self, results):
         keys = ("avg_acc", "forgetting", "bwt", "fwt", "total_time_s", "steps_per_s", "peak_rss_mb",
                 "num_parameters", "model_size_mb")
-        self._write("final", {k: results.get(k) for k in keys})
+        final = {k: results.get(k) for k in keys}
+        final.update({k: results[k] for k in FINAL_TASK_IL if k in results})
+        self._write("final", final)
 
     def close(self):
         if self._fd is not None:
@@ -127,14 +139,19 @@ class JsonlLogger(MetricLogger):
             self._fd = None
 
 
-@CALLBACKS.register("csv", summary="acc_matrix.csv, rewritten atomically after every task")
+@CALLBACKS.register("csv", summary="acc_matrix.csv (and acc_matrix_task_il.csv), rewritten atomically after every task")
 class CsvLogger(MetricLogger):
     def log_task(self, task, metrics, acc_matrix):
-        T = acc_matrix.shape[0]
+        self._write("acc_matrix.csv", task, acc_matrix)
+        if self.acc_matrix_task_il is not None:
+            self._write("acc_matrix_task_il.csv", task, self.acc_matrix_task_il)
+
+    def _write(self, name: str, task: int, matrix: np.ndarray) -> None:
+        T = matrix.shape[0]
         lines = ["after_task," + ",".join(f"task_{j + 1}" for j in range(T))]
         for i in range(task + 1):
-            lines.append(f"{i + 1}," + ",".join("" if np.isnan(v) else f"{v:.4f}" for v in acc_matrix[i]))
-        atomic_write_text(self.run_dir / "acc_matrix.csv", "\n".join(lines) + "\n")
+            lines.append(f"{i + 1}," + ",".join("" if np.isnan(v) else f"{v:.4f}" for v in matrix[i]))
+        atomic_write_text(self.run_dir / name, "\n".join(lines) + "\n")
 
 
 def accuracy_figures(acc_matrix: np.ndarray):
@@ -224,6 +241,8 @@ class TensorBoardLogger(MetricLogger):
             if acc is not None and not np.isnan(acc):
                 self.writer.add_scalar(f"eval/acc_task{j + 1}", acc, step)
         self.writer.add_scalar("eval/avg_acc_seen", metrics["avg_acc_seen"], step)
+        if "avg_acc_seen_task_il" in metrics:
+            self.writer.add_scalar("eval/avg_acc_seen_task_il", metrics["avg_acc_seen_task_il"], step)
         self.writer.add_scalar("time/train_s", metrics["train_time_s"], step)
         self.writer.add_scalar("system/peak_rss_mb", metrics["peak_rss_mb"], step)
         heat, lines = accuracy_figures(acc_matrix[: task + 1])
@@ -234,7 +253,7 @@ class TensorBoardLogger(MetricLogger):
         self.writer.flush()
 
     def log_final(self, results):
-        for key in ("avg_acc", "forgetting", "bwt", "fwt"):
+        for key in ("avg_acc", "forgetting", "bwt", "fwt", *FINAL_TASK_IL):
             if results.get(key) is not None:
                 self.writer.add_scalar(f"final/{key}", results[key], 0)
         self.writer.flush()
@@ -265,11 +284,16 @@ class WandbLogger(MetricLogger):
     def log_task(self, task, metrics, acc_matrix):
         data = {f"eval/acc_task{j + 1}": a for j, a in enumerate(metrics["acc"]) if a is not None and not np.isnan(a)}
         data["eval/avg_acc_seen"] = metrics["avg_acc_seen"]
+        if "avg_acc_seen_task_il" in metrics:
+            data["eval/avg_acc_seen_task_il"] = metrics["avg_acc_seen_task_il"]
         self.run.log(data)
 
     def log_final(self, results):
         for key in ("avg_acc", "forgetting", "bwt", "fwt"):
             self.run.summary[key] = results.get(key)
+        for key in FINAL_TASK_IL:
+            if key in results:
+                self.run.summary[key] = results[key]
 
     def close(self):
         self.run.finish()
