@@ -89,10 +89,32 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): d}
 
 
+def schema_defaults(config: dict) -> dict[str, Any]:
+    """The flattened default of every key of a run config like ``config`` (same algorithm and
+    plugins): what a key means when a config does not have it. {} if they cannot be built."""
+    from cl_runner.config import validate_config
+
+    algo = config.get("algo") or {}
+    try:
+        typed, _ = validate_config({"algo": {"name": algo.get("name"), "plugins": algo.get("plugins") or []}})
+    except Exception:  # noqa: BLE001 - an unknown algorithm: no defaults to offer
+        return {}
+    from omegaconf import OmegaConf
+
+    return _flatten(OmegaConf.to_container(typed, resolve=True))
+
+
 def config_differences(saved: dict, current: dict) -> list[str]:
+    """The keys whose values differ between a checkpoint's config and the current one. A key
+    the checkpoint's config lacks (one added to clrun after the checkpoint was written) counts
+    only when the current value is not its default, the behaviour the checkpoint was made with."""
     a = {k: v for k, v in _flatten(saved).items() if k.split(".")[0] not in NEUTRAL_KEYS}
     b = {k: v for k, v in _flatten(current).items() if k.split(".")[0] not in NEUTRAL_KEYS}
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    diff = [k for k in set(a) | set(b) if a.get(k) != b.get(k)]
+    if any(k not in a for k in diff):
+        defaults = schema_defaults(current)
+        diff = [k for k in diff if k in a or k not in defaults or defaults[k] != b.get(k)]
+    return sorted(diff)
 
 
 def restore(payload: dict, learner, loop_state, config: dict, path: Path) -> None:

@@ -104,3 +104,25 @@ def test_in_process_checkpoint_round_trip(tmp_path, tiny_data_dir, algo):
         (part,) = state["parts"]
         assert part["num_snapshots"] == 2
         assert all(torch.is_tensor(o) for o in part["omega"])
+
+
+def test_a_key_added_since_the_checkpoint_counts_only_off_its_default():
+    """A checkpoint written before a config key existed resumes when the key is at its default
+    (the behaviour the checkpoint was made with), and is refused when it is not."""
+    import copy
+
+    from omegaconf import OmegaConf
+
+    from cl_runner.checkpoint import config_differences
+    from cl_runner.config import validate_config
+
+    typed, _ = validate_config({"algo": {"name": "ewc"}, "benchmark": {"name": "splitmnist"}})
+    current = OmegaConf.to_container(typed, resolve=True)
+    saved = copy.deepcopy(current)
+    del saved["training"]["eval_task_il"]             # an older checkpoint's config
+    assert config_differences(saved, current) == []
+    current["training"]["eval_task_il"] = True
+    assert config_differences(saved, current) == ["training.eval_task_il"]
+    current["training"]["eval_task_il"] = False
+    current["algo"]["ewc_lambda"] = 5.0                 # present in both, changed: always a difference
+    assert config_differences(saved, current) == ["algo.ewc_lambda"]
