@@ -99,3 +99,26 @@ class RehearsalMemory:
     def load_state_dict(self, state: dict) -> None:
         self.indices = {int(k): np.asarray(v, dtype=np.int64) for k, v in state["indices"].items()}
         self.rng.bit_generator.state = state["rng"]
+
+
+class NaiveRehearsalMixin:
+    """The learner side of naive rehearsal, the same on both backends: put before the backend's
+    learner class (``class NaiveRehearsal(NaiveRehearsalMixin, TorchLearner)``)."""
+
+    def __init__(self, cfg, stream, device, seed: int):
+        super().__init__(cfg, stream, device, seed)
+        self.memory = RehearsalMemory(int(cfg.algo.memory_size), seed)
+
+    def train_arrays(self, task):
+        return self.memory.training_arrays(self.stream, task, bool(self.cfg.algo.balance))
+
+    def on_after_training(self, task) -> None:
+        super().on_after_training(task)
+        self.memory.add_task(task.id, task.num_train)
+
+    def state_dict(self):
+        return {**super().state_dict(), "rehearsal_memory": self.memory.state_dict()}
+
+    def load_state_dict(self, state) -> None:
+        super().load_state_dict(state)
+        self.memory.load_state_dict(state["rehearsal_memory"])

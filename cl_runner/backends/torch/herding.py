@@ -25,9 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cl_runner.errors import ConfigError
-
-EXEMPLAR_POLICIES = ("herding", "random")
+from cl_runner.algorithms.memories import ExemplarSets
 
 
 @torch.no_grad()
@@ -59,38 +57,13 @@ def l2_normalize(features: torch.Tensor) -> torch.Tensor:
     return features / features.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
-class ExemplarMemory:
-    """Ordered exemplar sets of every seen class: raw images (uint8, host), labels and task ids."""
+class ExemplarMemory(ExemplarSets):
+    """Ordered exemplar sets of every seen class (cl_runner/algorithms/memories.py); herding on
+    the device, the random order from a torch generator."""
 
     def __init__(self, capacity: int, policy: str = "herding", seed: int = 0):
-        if policy not in EXEMPLAR_POLICIES:
-            raise ConfigError(f"exemplar policy '{policy}' is not one of {', '.join(EXEMPLAR_POLICIES)}.")
-        if capacity <= 0:
-            raise ConfigError(f"an exemplar memory needs a positive size, got {capacity}.")
-        self.capacity = int(capacity)
-        self.policy = policy
+        super().__init__(capacity, policy)
         self.generator = torch.Generator().manual_seed(seed)
-        # class -> (images (k, C, H, W) uint8, task id), the images in priority order.
-        self.sets: dict[int, tuple[np.ndarray, int]] = {}
-
-    @property
-    def classes(self) -> list[int]:
-        return list(self.sets)
-
-    def __len__(self) -> int:
-        return sum(len(x) for x, _ in self.sets.values())
-
-    def per_class(self, num_classes: int) -> int:
-        """m = K / (classes seen), the exemplars each class may keep."""
-        m = self.capacity // num_classes
-        if m < 1:
-            raise ConfigError(f"an exemplar memory of {self.capacity} samples cannot keep one exemplar "
-                              f"of each of {num_classes} classes; raise algo.mem_size.")
-        return m
-
-    def reduce(self, m: int) -> None:
-        """Keep the first ``m`` exemplars of every class (the paper's ReduceExemplarSet)."""
-        self.sets = {c: (x[:m], t) for c, (x, t) in self.sets.items()}
 
     def select(self, features: torch.Tensor, m: int) -> np.ndarray:
         """Indices (host) of the ``m`` exemplars to keep among a class's samples, best first."""
@@ -99,25 +72,9 @@ class ExemplarMemory:
         n = features.shape[0]
         return torch.randperm(n, generator=self.generator)[: min(m, n)].numpy()
 
-    def add_class(self, cls: int, images: np.ndarray, task_id: int) -> None:
-        self.sets[int(cls)] = (np.ascontiguousarray(images), int(task_id))
-
-    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """All exemplars as (images, labels, task ids), class after class."""
-        if not self.sets:
-            return None
-        xs = [x for x, _ in self.sets.values()]
-        ys = [np.full(len(x), c, dtype=np.int64) for c, (x, _) in self.sets.items()]
-        ts = [np.full(len(x), t, dtype=np.int64) for x, t in self.sets.values()]
-        return np.concatenate(xs), np.concatenate(ys), np.concatenate(ts)
-
     def state_dict(self) -> dict[str, Any]:
-        return {"capacity": self.capacity, "policy": self.policy, "generator": self.generator.get_state(),
-                "sets": {c: (x.copy(), t) for c, (x, t) in self.sets.items()}}
+        return {**self.sets_state(), "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["capacity"] != self.capacity or state["policy"] != self.policy:
-            raise ValueError(f"exemplar memory state of a {state['policy']} memory of {state['capacity']} "
-                             f"cannot be loaded into a {self.policy} memory of {self.capacity}")
+        self.load_sets_state(state)
         self.generator.set_state(state["generator"])
-        self.sets = {int(c): (np.asarray(x), int(t)) for c, (x, t) in state["sets"].items()}

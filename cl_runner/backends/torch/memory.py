@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cl_runner.algorithms.memories import memory_sizes
 from cl_runner.errors import ConfigError
 
 POLICIES = ("reservoir", "class_balanced", "ring")
@@ -330,17 +331,7 @@ def memory_for(learner, cfg, store_logits: bool = False) -> ReplayMemory:
     """The memory an algorithm's config asks for: ``mem_policy`` and ``mem_size`` (total) or
     ``mem_per_task`` (per task; it wins when both are set)."""
     num_tasks = learner.stream.num_tasks
-    per_task, total = cfg.mem_per_task, cfg.mem_size
-    if per_task is None and total is None:
-        raise ConfigError("set the memory size: algo.mem_size (total) or algo.mem_per_task.")
-    if cfg.mem_policy == "ring":
-        per_task = per_task if per_task is not None else total // num_tasks
-        capacity = None
-        if per_task < 1:
-            raise ConfigError(f"algo.mem_size={total} leaves no slot per task for {num_tasks} tasks "
-                              f"with mem_policy=ring; raise it or set algo.mem_per_task.")
-    else:
-        capacity = per_task * num_tasks if per_task is not None else total
+    capacity, per_task = memory_sizes(cfg, num_tasks)
     return ReplayMemory(cfg.mem_policy, learner.stream.input_shape, learner.device, learner.seed,
                         capacity=capacity, per_task=per_task, num_tasks=num_tasks,
                         num_outputs=learner.num_outputs(), store_logits=store_logits)

@@ -30,7 +30,6 @@ Seeds run one after another (the retraining is a program of its own, run between
 
 from __future__ import annotations
 
-import math
 from types import SimpleNamespace
 from typing import Any
 
@@ -38,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cl_runner.algorithms.memories import GreedyClassBalancedSampler, sgdr_lr
 from cl_runner.backends.jax.backbones import init_params
 from cl_runner.backends.jax.learner import JaxLearner
 from cl_runner.backends.jax.memory import derived_seed
@@ -46,61 +46,15 @@ from cl_runner.errors import ConfigError
 from cl_runner.registry import ALGORITHMS
 
 
-def sgdr_lr(epoch: int, lr: float, lr_min: float) -> float:
-    """The paper's schedule: epoch 0 at lr / 10, then cosine cycles of 1, 2, 4, ... epochs."""
-    if epoch == 0:
-        return 0.1 * lr
-    cycle = 1 << (epoch.bit_length() - 1)  # the cycle of epoch e >= 1 starts at the power of 2 <= e
-    t_cur = epoch - cycle
-    return lr_min + (lr - lr_min) * (1 + math.cos(math.pi * t_cur / cycle)) / 2
-
-
-class GreedyClassBalancedMemory:
-    """GDumb's memory, on the host: raw images, labels and task ids; per-class slot lists."""
+class GreedyClassBalancedMemory(GreedyClassBalancedSampler):
+    """GDumb's memory, on the host: raw images, labels and task ids; the sampler's decisions
+    are cl_runner/algorithms/memories.py's, as on the PyTorch backend."""
 
     def __init__(self, capacity: int, input_shape, seed: int):
-        self.capacity = int(capacity)
+        super().__init__(capacity, seed)
         self.x = np.zeros((self.capacity, *input_shape), np.uint8)
         self.y = np.zeros(self.capacity, np.int64)
         self.t = np.zeros(self.capacity, np.int64)
-        self.rng = np.random.default_rng(seed)
-        self.size = 0
-        self.slots: dict[int, list[int]] = {}  # class -> its slots (order of insertion)
-
-    def __len__(self) -> int:
-        return self.size
-
-    def counts(self) -> dict[int, int]:
-        return {c: len(s) for c, s in self.slots.items()}
-
-    def plan(self, labels: np.ndarray) -> np.ndarray:
-        """Run the sampler over ``labels`` in order; the slot each sample is written to, -1 if
-        dropped or overwritten later in the same call (the last writer of a slot wins)."""
-        dst = np.full(len(labels), -1, dtype=np.int64)
-        slots, cap = self.slots, self.capacity
-        for i, y in enumerate(np.asarray(labels).tolist()):
-            own = slots.setdefault(int(y), [])
-            if self.size < cap:
-                slot = self.size
-                self.size += 1
-            elif len(own) < cap / len(slots):
-                largest = max(slots, key=lambda c: len(slots[c]))
-                victims = slots[largest]
-                j = int(self.rng.integers(len(victims)))
-                slot = victims[j]
-                victims[j] = victims[-1]
-                victims.pop()
-            else:
-                continue
-            own.append(slot)
-            dst[i] = slot
-        kept = dst >= 0
-        if kept.any():  # a slot written twice in this call keeps its last sample
-            _, last_rev = np.unique(dst[::-1], return_index=True)
-            last = np.zeros(len(dst), dtype=bool)
-            last[len(dst) - 1 - last_rev] = True
-            dst = np.where(last & kept, dst, -1)
-        return dst
 
     def offer(self, x: np.ndarray, labels: np.ndarray, task_id: int) -> None:
         """Offer raw images ``x`` with ``labels`` (host arrays, in the order to offer them)."""
@@ -112,22 +66,12 @@ class GreedyClassBalancedMemory:
         self.y[dst[src]] = np.asarray(labels)[src]
         self.t[dst[src]] = task_id
 
-    def classes(self) -> list[int]:
-        return [c for c, s in self.slots.items() if s]
-
     def state_dict(self) -> dict[str, Any]:
-        return {"capacity": self.capacity, "x": self.x.copy(), "y": self.y.copy(), "t": self.t.copy(),
-                "rng": self.rng.bit_generator.state, "size": self.size,
-                "slots": {c: list(s) for c, s in self.slots.items()}}
+        return {**self.sampler_state(), "x": self.x.copy(), "y": self.y.copy(), "t": self.t.copy()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["capacity"] != self.capacity:
-            raise ValueError(f"a GDumb memory of {state['capacity']} slots cannot be loaded into one of "
-                             f"{self.capacity}")
+        self.load_sampler_state(state)
         self.x, self.y, self.t = (np.array(state[k]) for k in ("x", "y", "t"))
-        self.rng.bit_generator.state = state["rng"]
-        self.size = int(state["size"])
-        self.slots = {int(c): list(s) for c, s in state["slots"].items()}
 
 
 @ALGORITHMS.register("gdumb", backend="jax")

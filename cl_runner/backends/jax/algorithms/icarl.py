@@ -146,17 +146,7 @@ class ICaRL(JaxLearner):
 
     def on_after_training(self, task) -> None:
         super().on_after_training(task)
-        new_classes = [int(c) for c in task.classes if int(c) not in self.memory.sets]
-        m = self.memory.per_class(len(self.memory.sets) + len(new_classes))
-        self.memory.reduce(m)
-        labels = np.asarray(task.train_y)
-        images = np.asarray(task.train_x)
-        for c in new_classes:
-            rows = np.flatnonzero(labels == c)
-            if len(rows) == 0:
-                continue
-            feats = self.features(images[rows])
-            self.memory.add_class(c, images[rows[self.memory.select(feats, m)]], task.id)
+        self.memory.add_task(task, self.features)
         self.update_class_means()
 
     def update_class_means(self) -> None:

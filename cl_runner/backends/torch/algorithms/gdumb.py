@@ -24,74 +24,27 @@ samples, and after each task a model is trained *from scratch* on the memory alo
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 import torch
 
+from cl_runner.algorithms.memories import GreedyClassBalancedSampler, sgdr_lr
 from cl_runner.backends.torch.learner import TorchLearner
 from cl_runner.backends.torch.memory import derived_seed
 from cl_runner.registry import ALGORITHMS
 
 
-def sgdr_lr(epoch: int, lr: float, lr_min: float) -> float:
-    """The paper's schedule: epoch 0 at lr / 10, then cosine cycles of 1, 2, 4, ... epochs."""
-    if epoch == 0:
-        return 0.1 * lr
-    cycle = 1 << (epoch.bit_length() - 1)  # the cycle of epoch e >= 1 starts at the power of 2 <= e
-    t_cur = epoch - cycle
-    return lr_min + (lr - lr_min) * (1 + math.cos(math.pi * t_cur / cycle)) / 2
-
-
-class GreedyClassBalancedMemory:
-    """GDumb's memory: images, labels and task ids on the device; counts and decisions on the host."""
+class GreedyClassBalancedMemory(GreedyClassBalancedSampler):
+    """GDumb's memory: images, labels and task ids on the device; the sampler's decisions on the
+    host (cl_runner/algorithms/memories.py)."""
 
     def __init__(self, capacity: int, input_shape, device, seed: int):
-        self.capacity = int(capacity)
+        super().__init__(capacity, seed)
         self.device = torch.device(device)
         self.x = torch.zeros((self.capacity, *input_shape), device=self.device)
         self.y = torch.zeros(self.capacity, dtype=torch.long, device=self.device)
         self.t = torch.zeros(self.capacity, dtype=torch.long, device=self.device)
-        self.rng = np.random.default_rng(seed)
-        self.size = 0
-        self.slots: dict[int, list[int]] = {}  # class -> its slots (order of insertion)
-
-    def __len__(self) -> int:
-        return self.size
-
-    def counts(self) -> dict[int, int]:
-        return {c: len(s) for c, s in self.slots.items()}
-
-    def plan(self, labels: np.ndarray) -> np.ndarray:
-        """Run the sampler over ``labels`` in order; the slot each sample is written to, -1 if
-        dropped or overwritten later in the same call (the last writer of a slot wins)."""
-        dst = np.full(len(labels), -1, dtype=np.int64)
-        slots, cap = self.slots, self.capacity
-        for i, y in enumerate(labels.tolist()):
-            own = slots.setdefault(y, [])
-            if self.size < cap:
-                slot = self.size
-                self.size += 1
-            elif len(own) < cap / len(slots):
-                largest = max(slots, key=lambda c: len(slots[c]))
-                victims = slots[largest]
-                j = int(self.rng.integers(len(victims)))
-                slot = victims[j]
-                victims[j] = victims[-1]
-                victims.pop()
-            else:
-                continue
-            own.append(slot)
-            dst[i] = slot
-        # A slot written twice in this call keeps its last sample.
-        kept = dst >= 0
-        if kept.any():
-            _, last_rev = np.unique(dst[::-1], return_index=True)
-            last = np.zeros(len(dst), dtype=bool)
-            last[len(dst) - 1 - last_rev] = True
-            dst = np.where(last & kept, dst, -1)
-        return dst
 
     @torch.no_grad()
     def offer(self, x: torch.Tensor, y: torch.Tensor, labels: np.ndarray, task_id: int) -> None:
@@ -106,21 +59,12 @@ class GreedyClassBalancedMemory:
         self.y[d] = y[s]
         self.t[d] = task_id
 
-    def classes(self) -> list[int]:
-        return [c for c, s in self.slots.items() if s]
-
     def state_dict(self) -> dict[str, Any]:
-        return {"capacity": self.capacity, "x": self.x.clone(), "y": self.y.clone(), "t": self.t.clone(),
-                "rng": self.rng.bit_generator.state, "size": self.size,
-                "slots": {c: list(s) for c, s in self.slots.items()}}
+        return {**self.sampler_state(), "x": self.x.clone(), "y": self.y.clone(), "t": self.t.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["capacity"] != self.capacity:
-            raise ValueError(f"a GDumb memory of {state['capacity']} slots cannot be loaded into one of {self.capacity}")
+        self.load_sampler_state(state)
         self.x, self.y, self.t = (state[k].to(self.device) for k in ("x", "y", "t"))
-        self.rng.bit_generator.state = state["rng"]
-        self.size = state["size"]
-        self.slots = {int(c): list(s) for c, s in state["slots"].items()}
 
 
 @ALGORITHMS.register("gdumb", backend="torch")

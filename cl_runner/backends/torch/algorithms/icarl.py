@@ -119,17 +119,7 @@ class ICaRL(TorchLearner):
         super().on_after_training(task)
         was_training = self.model.training
         self.model.eval()
-        new_classes = [int(c) for c in task.classes if int(c) not in self.memory.sets]
-        m = self.memory.per_class(len(self.memory.sets) + len(new_classes))
-        self.memory.reduce(m)
-        labels = np.asarray(task.train_y)
-        images = np.asarray(task.train_x)
-        for c in new_classes:
-            rows = np.flatnonzero(labels == c)
-            if len(rows) == 0:
-                continue
-            feats = self.features(self.to_input(images[rows]))
-            self.memory.add_class(c, images[rows[self.memory.select(feats, m)]], task.id)
+        self.memory.add_task(task, lambda images: self.features(self.to_input(images)))
         self.update_class_means()
         self.model.train(was_training)
 
