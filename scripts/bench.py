@@ -329,7 +329,6 @@ def main() -> None:
     if args.cache_dir is None:  # the timed runs read the stream just built
         args.cache_dir = data_cache
     else:
-        shutil.rmtree(data_cache, ignore_errors=True)
         build_stream(validate_config(reference_config(args, "naive"))[0].benchmark, 0, args.data_dir,
                      args.cache_dir)
     try:

@@ -35,8 +35,6 @@ from pathlib import Path
 
 from cl_runner.sweeps import usable_cores
 
-from cl_runner.sweeps import usable_cores
-
 REPO = Path(__file__).resolve().parent.parent
 EXPECTED_DIR = REPO / "expected_results"
 TIERS = ("ci", "cpu", "gpu")
