@@ -115,6 +115,10 @@ class BackendConfig:
     name: str = "torch"
     # torch: compile the train step with torch.compile.
     compile: bool = False
+    # torch: MLP backbones train with a step written out in tensor operations (the same
+    # kernels autograd calls, without the autograd engine; backends/torch/fused.py).
+    # false: autograd and torch.optim for every step.
+    fused_step: bool = True
     # torch: ask for deterministic kernels (CPU runs are deterministic either way).
     deterministic: bool = False
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from cl_runner.backends.torch.augment import build_augment
 from cl_runner.backends.torch.backbones import build_backbone
+from cl_runner.backends.torch.fused import FusedMLPStep, sgd_step, sgd_step_possible
 from cl_runner.backends.torch.heads import add_missing_params, grow_head, release_unused_head_grads
 from cl_runner.backends.torch.optim import build_optimizer, set_lr, task_lr
 from cl_runner.core.learner import Learner
@@ -112,6 +113,9 @@ class TorchLearner(Learner):
         self._loss_parts = [p for p in self.parts if _overrides(p, "extra_loss")]
         self._grad_parts = [p for p in self.parts if _overrides(p, "after_backward")]
         self._step_parts = [p for p in self.parts if _overrides(p, "after_step")]
+        self.fused_step = bool(getattr(cfg.backend, "fused_step", False))
+        self._fused: FusedMLPStep | None = None
+        self._fast_sgd: torch.optim.Optimizer | None = None
 
     # -- shapes and data ---------------------------------------------------------------------
     def num_outputs(self) -> int:
@@ -146,6 +150,16 @@ class TorchLearner(Learner):
         self.train_t = torch.from_numpy(np.array(tid)).to(self.device) if self.masks else None
         for p in self.parts:
             p.on_before_task(task)
+        self.choose_step()
+
+    def choose_step(self) -> None:
+        """Take the fused MLP step (fused.py) where it computes what autograd would: the model as
+        it is now, the plain cross-entropy, no part adding a loss term, no torch.compile."""
+        plain = (self.fused_step and not self.cfg.backend.compile and not self._loss_parts
+                 and getattr(self.criterion, "__func__", None) is TorchLearner.criterion
+                 and getattr(self.masked, "__func__", None) is TorchLearner.masked)
+        self._fused = FusedMLPStep.for_model(self.model) if plain else None
+        self._fast_sgd = self.optimizer if self.fused_step and sgd_step_possible(self.optimizer) else None
 
     def on_after_training(self, task) -> None:
         for p in self.parts:
@@ -165,21 +179,27 @@ class TorchLearner(Learner):
         return F.cross_entropy(self.masked(logits, t), y)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
-        logits = self.train_forward(x)
-        loss = self.criterion(logits, y, t)
-        for p in self._loss_parts:
-            extra = p.extra_loss(x, y, logits)
-            if extra is not None:
-                loss = loss + extra
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if self._fused is not None and not x.requires_grad:
+            loss = self._fused(x, y, None if t is None else ~self.output_mask[t])
+        else:
+            logits = self.train_forward(x)
+            loss = self.criterion(logits, y, t)
+            for p in self._loss_parts:
+                extra = p.extra_loss(x, y, logits)
+                if extra is not None:
+                    loss = loss + extra
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         if t is not None:
             release_unused_head_grads(self.model, self.output_mask, t)
         for p in self._grad_parts:
             p.after_backward()
         if self.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        self.optimizer.step()
+        if self._fast_sgd is self.optimizer:
+            sgd_step(self.optimizer)
+        else:
+            self.optimizer.step()
         for p in self._step_parts:
             p.after_step()
         return loss.detach()
