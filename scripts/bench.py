@@ -28,10 +28,10 @@ Data rows: building the 20 rotated tasks from the IDX files, and loading them fr
     python scripts/bench.py --data-dir ../shared/data --quick    # 3 tasks x 10k, naive rows (< 1 min)
     python scripts/bench.py --algorithms                         # steps/s of every algorithm vs naive
 
-``--algorithms``: every algorithm on both backends on a short Rotated MNIST stream (3 tasks x
-2,000 images, MLP 2x256, batch 10; each algorithm's defaults), its training steps/s and the
-ratio to naive on the same backend (end-of-task work such as a Fisher or a memory update is
-counted in the training time).
+``--algorithms``: every algorithm on both backends (``--backends torch`` for one) on a short
+Rotated MNIST stream (3 tasks x 2,000 images, MLP 2x256, batch 10; each algorithm's defaults),
+its training steps/s and the ratio to naive on the same backend (end-of-task work such as a
+Fisher or a memory update is counted in the training time).
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def hand_written(args, ewc: bool) -> tuple[float, float]:
     model = nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Dropout(0.2),
                           nn.Linear(256, 256), nn.ReLU(), nn.Dropout(0.2), nn.Linear(256, 10))
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.8)
-    tests = [(prep(t.test_x), torch.from_numpy(np.asarray(t.test_y))) for t in stream.tasks]
+    tests = [(prep(t.test_x), torch.from_numpy(np.array(t.test_y))) for t in stream.tasks]
     # EWC's penalty sum_k F_k (theta - theta*_k)^2 / 2 as one autograd term from the running sums
     # sum_k F_k and sum_k F_k theta*_k (the constant sum_k F_k theta*_k^2 has no gradient): the
     # same steps as a term per past task, at the cost of one.
@@ -111,7 +111,7 @@ def hand_written(args, ewc: bool) -> tuple[float, float]:
     gen = torch.Generator().manual_seed(0)
     for task in stream.tasks:
         torch.set_num_threads(train_threads)
-        x, y = prep(task.train_x), torch.from_numpy(np.asarray(task.train_y))
+        x, y = prep(task.train_x), torch.from_numpy(np.array(task.train_y))
         perm = torch.randperm(len(y), generator=gen)
         x, y = x[perm], y[perm]
         model.train()
@@ -247,15 +247,16 @@ def jax_hand_written(args, ewc: bool) -> tuple[float, float]:
 
 
 def algorithm_speeds(args) -> list[dict]:
-    """Training steps/s of every algorithm (its defaults) on both backends, and x naive."""
+    """Training steps/s of every algorithm (its defaults) on each backend of ``--backends``, and x naive."""
     from cl_runner import catalog
     from cl_runner.registry import ALGORITHMS
 
-    for b in ("torch", "jax"):
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    for b in backends:
         catalog.load_backend(b)
     args.tasks, args.subset = 3, 2000
     out = []
-    for backend in ("torch", "jax"):
+    for backend in backends:
         naive = None
         for name in ["naive"] + sorted(n for n in ALGORITHMS.names() if n != "naive"):
             if backend not in ALGORITHMS.entry(name).backends:
@@ -304,7 +305,9 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--quick", action="store_true", help="3 tasks x 10k samples")
     ap.add_argument("--json", default=None, help="also write the table as JSON here")
-    ap.add_argument("--algorithms", action="store_true", help="steps/s of every algorithm vs naive, both backends")
+    ap.add_argument("--algorithms", action="store_true", help="steps/s of every algorithm vs naive, on each of --backends")
+    ap.add_argument("--backends", default="torch,jax",
+                    help="with --algorithms: the backends to time, comma-separated (default: torch,jax)")
     ap.add_argument("--algos", default=None,
                     help="algorithms of the torch and jax rows, among naive, ewc (default: naive,ewc; "
                          "with --quick naive only)")

@@ -133,11 +133,19 @@ def test_sgd_step_refuses_what_it_does_not_do():
 
 def test_learners_choose_the_fused_step_only_where_it_is_exact():
     stream = tiny_stream(num_tasks=2)
-    for name, fused in [("naive", True), ("ewc", True), ("si", True), ("er", True), ("lwf", False)]:
+    # (algorithm, fused forward/backward, whole step fused)
+    for name, fused, plain in [("naive", True, True), ("ewc", True, True), ("si", True, True),
+                               ("er", True, True), ("lwf", True, False), ("der", True, False),
+                               ("pnn", False, True)]:
         learner = learner_for(stream, name=name)
         learner.on_before_task(stream.tasks[0])
         assert (learner._fused is not None) == fused, name
+        assert learner._fused_plain == plain, name
         assert learner._fast_sgd is learner.optimizer
+    # SI's gradient hooks with a loss term added by a part: autograd for the whole step
+    learner = learner_for(stream, name="lwf", algo={"plugins": ["si"]})
+    learner.on_before_task(stream.tasks[0])
+    assert learner._fused is None
     learner = learner_for(stream, name="naive", backend={"fused_step": False})
     learner.on_before_task(stream.tasks[0])
     assert learner._fused is None and learner._fast_sgd is None
@@ -146,16 +154,19 @@ def test_learners_choose_the_fused_step_only_where_it_is_exact():
     assert learner._fused is not None and learner._fast_sgd is None
 
 
-def run(tiny_data_dir, tmp_path, algo, fused, scenario="permutedmnist", **algo_keys):
-    benchmark = {"name": scenario, "num_tasks": 2, "subset": 200, "batch_size": 10, "eval_batch_size": 200}
-    if scenario == "splitmnist":
-        benchmark = {"name": "splitmnist", "scenario": "task_il", "subset": 100, "batch_size": 10,
-                     "eval_batch_size": 200}
+def run(tiny_data_dir, tmp_path, algo, fused, scenario="permutedmnist", lr=0.05, momentum=0.9, **algo_keys):
+    benchmark = {"name": "permutedmnist" if scenario == "task_il" else scenario, "num_tasks": 2, "subset": 200,
+                 "batch_size": 10, "eval_batch_size": 200}
+    if scenario in ("splitmnist", "class_il"):
+        benchmark = {"name": "splitmnist", "scenario": "task_il" if scenario == "splitmnist" else scenario,
+                     "num_tasks": 3, "subset": 100, "batch_size": 10, "eval_batch_size": 200}
+    elif scenario == "task_il":
+        benchmark = {**benchmark, "scenario": "task_il"}
     cfg = {"seed": 1, "data_dir": str(tiny_data_dir), "cache_dir": str(tmp_path / "cache"),
            "progress": False, "loggers": [], "checkpoint": False, "threads": 1,
            "algo": {"name": algo, **algo_keys}, "benchmark": benchmark,
            "backbone": {"width": 32, "dropout": 0.2},
-           "optimizer": {"lr": 0.05, "momentum": 0.9}, "backend": {"fused_step": fused}}
+           "optimizer": {"lr": lr, "momentum": momentum}, "backend": {"fused_step": fused}}
     return run_experiment(cfg, tmp_path / f"{algo}-{fused}", console=Console(file=io.StringIO()))
 
 
@@ -171,3 +182,27 @@ def test_whole_runs_equal_the_autograd_path(tiny_data_dir, tmp_path, algo, scena
     plain = run(tiny_data_dir, tmp_path, algo, False, scenario, **keys)
     np.testing.assert_array_equal(fused["acc_matrix"], plain["acc_matrix"])
     assert fused["epoch_losses"] == plain["epoch_losses"]
+
+
+def every_torch_algorithm():
+    from cl_runner.registry import ALGORITHMS
+
+    cases = []
+    for name in sorted(ALGORITHMS.names()):
+        if "torch" not in ALGORITHMS.entry(name).backends:
+            continue
+        scenarios = ALGORITHMS.meta(name).get("scenarios") or ("domain_il",)
+        cases.append((name, "class_il" if "class_il" in scenarios else
+                      "permutedmnist" if "domain_il" in scenarios else "task_il"))
+    return cases
+
+
+@pytest.mark.parametrize("algo,scenario", every_torch_algorithm())
+def test_every_algorithm_runs_the_same_with_and_without_the_fused_step(tiny_data_dir, tmp_path, algo, scenario):
+    """Each algorithm with its defaults: whichever path it takes (the whole step fused, the MLP's
+    passes fused beside its own loss terms, or autograd), the numbers are those of autograd."""
+    keys = {"coreset_size": 20} if algo == "kcl" else {}
+    fused = run(tiny_data_dir, tmp_path, algo, True, scenario, lr=0.01, momentum=0.8, **keys)
+    plain = run(tiny_data_dir, tmp_path, algo, False, scenario, lr=0.01, momentum=0.8, **keys)
+    np.testing.assert_array_equal(fused["acc_matrix"], plain["acc_matrix"])
+    np.testing.assert_array_equal(fused["epoch_losses"], plain["epoch_losses"])  # gdumb: NaN, no steps

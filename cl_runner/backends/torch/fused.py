@@ -74,10 +74,8 @@ class FusedMLPStep:
         return step
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, invalid: torch.Tensor | None = None) -> torch.Tensor:
-        """The mean cross-entropy loss of the batch (a 0-dim tensor); sets every parameter's
-        ``.grad`` to the loss's gradient. ``invalid``: a bool mask (batch, outputs) of logits set
-        to -inf before the loss (task-IL)."""
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """The logits of the batch (computed without a graph) and what :meth:`backward` needs."""
         a = x.reshape(x.shape[0], -1)
         saved = []
         for lin, drop in self.hidden:
@@ -89,7 +87,29 @@ class FusedMLPStep:
                 out = h
             saved.append((a, h, noise, drop))
             a = out
-        z = torch.addmm(self.head.bias, a, self.head.weight.t())
+        saved.append(a)
+        return torch.addmm(self.head.bias, a, self.head.weight.t()), saved
+
+    @torch.no_grad()
+    def backward(self, saved: list, g: torch.Tensor, accumulate: bool = False) -> None:
+        """Back-propagate ``g`` (the gradient of the loss with respect to the logits) into every
+        parameter's ``.grad``: set it, or with ``accumulate`` add to the one already there."""
+        self._set_grads(self.head, g, saved[-1], accumulate)
+        weight = self.head.weight
+        for (lin, _), (a_in, h, noise, drop) in zip(reversed(self.hidden), reversed(saved[:-1])):
+            d = g.mm(weight)
+            if noise is not None:
+                d = _dropout_backward(d, noise, drop.p)
+            g = aten.threshold_backward(d, h, 0)
+            self._set_grads(lin, g, a_in, accumulate)
+            weight = lin.weight
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, invalid: torch.Tensor | None = None) -> torch.Tensor:
+        """The mean cross-entropy loss of the batch (a 0-dim tensor); sets every parameter's
+        ``.grad`` to the loss's gradient. ``invalid``: a bool mask (batch, outputs) of logits set
+        to -inf before the loss (task-IL)."""
+        z, saved = self.forward(x)
         if invalid is not None:
             z = z.masked_fill(invalid, float("-inf"))
         logp = torch.log_softmax(z, 1)
@@ -101,20 +121,15 @@ class FusedMLPStep:
         g = aten._log_softmax_backward_data(g, logp, 1, logp.dtype)
         if invalid is not None:
             g = g.masked_fill(invalid, 0.0)
-        self._set_grads(self.head, g, a)
-        weight = self.head.weight
-        for (lin, _), (a_in, h, noise, drop) in zip(reversed(self.hidden), reversed(saved)):
-            d = g.mm(weight)
-            if noise is not None:
-                d = _dropout_backward(d, noise, drop.p)
-            g = aten.threshold_backward(d, h, 0)
-            self._set_grads(lin, g, a_in)
-            weight = lin.weight
+        self.backward(saved, g)
         return loss
 
-    def _set_grads(self, lin: nn.Linear, g: torch.Tensor, a: torch.Tensor) -> None:
-        lin.weight.grad = g.t().mm(a)
-        lin.bias.grad = g.sum(0)
+    def _set_grads(self, lin: nn.Linear, g: torch.Tensor, a: torch.Tensor, accumulate: bool = False) -> None:
+        for p, grad in ((lin.weight, g.t().mm(a)), (lin.bias, g.sum(0))):
+            if accumulate and p.grad is not None:
+                p.grad.add_(grad)
+            else:
+                p.grad = grad
         if self.hooks:
             for p in (lin.weight, lin.bias):
                 for hook in self.hooks.get(id(p), ()):

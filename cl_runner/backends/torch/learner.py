@@ -115,6 +115,7 @@ class TorchLearner(Learner):
         self._step_parts = [p for p in self.parts if _overrides(p, "after_step")]
         self.fused_step = bool(getattr(cfg.backend, "fused_step", False))
         self._fused: FusedMLPStep | None = None
+        self._fused_plain = False
         self._fast_sgd: torch.optim.Optimizer | None = None
 
     # -- shapes and data ---------------------------------------------------------------------
@@ -153,12 +154,19 @@ class TorchLearner(Learner):
         self.choose_step()
 
     def choose_step(self) -> None:
-        """Take the fused MLP step (fused.py) where it computes what autograd would: the model as
-        it is now, the plain cross-entropy, no part adding a loss term, no torch.compile."""
-        plain = (self.fused_step and not self.cfg.backend.compile and not self._loss_parts
-                 and getattr(self.criterion, "__func__", None) is TorchLearner.criterion
-                 and getattr(self.masked, "__func__", None) is TorchLearner.masked)
-        self._fused = FusedMLPStep.for_model(self.model) if plain else None
+        """Take the fused MLP step (fused.py) where the model (as it is now) is a plain MLP and
+        torch.compile is off. With the plain cross-entropy and no part adding a loss term, the
+        whole step is fused; otherwise the MLP's forward and backward are, and autograd computes
+        only the loss's gradient with respect to the logits (and any graph a part builds itself)."""
+        fused = None
+        if self.fused_step and not self.cfg.backend.compile:
+            fused = FusedMLPStep.for_model(self.model)
+        self._fused_plain = (not self._loss_parts
+                             and getattr(self.criterion, "__func__", None) is TorchLearner.criterion
+                             and getattr(self.masked, "__func__", None) is TorchLearner.masked)
+        if fused is not None and fused.hooks and not self._fused_plain:
+            fused = None  # autograd would run a parameter's hooks once, not once per branch
+        self._fused = fused
         self._fast_sgd = self.optimizer if self.fused_step and sgd_step_possible(self.optimizer) else None
 
     def on_after_training(self, task) -> None:
@@ -179,10 +187,15 @@ class TorchLearner(Learner):
         return F.cross_entropy(self.masked(logits, t), y)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
-        if self._fused is not None and not x.requires_grad:
-            loss = self._fused(x, y, None if t is None else ~self.output_mask[t])
+        fused = self._fused if not x.requires_grad else None
+        if fused is not None and self._fused_plain:
+            loss = fused(x, y, None if t is None else ~self.output_mask[t])
         else:
-            logits = self.train_forward(x)
+            if fused is not None:
+                logits, saved = fused.forward(x)
+                logits.requires_grad_()
+            else:
+                logits = self.train_forward(x)
             loss = self.criterion(logits, y, t)
             for p in self._loss_parts:
                 extra = p.extra_loss(x, y, logits)
@@ -190,6 +203,8 @@ class TorchLearner(Learner):
                     loss = loss + extra
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if fused is not None:
+                fused.backward(saved, logits.grad, accumulate=True)
         if t is not None:
             release_unused_head_grads(self.model, self.output_mask, t)
         for p in self._grad_parts:
