@@ -206,3 +206,18 @@ def test_every_algorithm_runs_the_same_with_and_without_the_fused_step(tiny_data
     plain = run(tiny_data_dir, tmp_path, algo, False, scenario, lr=0.01, momentum=0.8, **keys)
     np.testing.assert_array_equal(fused["acc_matrix"], plain["acc_matrix"])
     np.testing.assert_array_equal(fused["epoch_losses"], plain["epoch_losses"])  # gdumb: NaN, no steps
+
+
+def test_der_memory_batch_takes_the_fused_pass():
+    stream = tiny_stream(num_tasks=2)
+    learner = learner_for(stream, name="der", benchmark={"batch_size": 4})
+    task = stream.tasks[0]
+    learner.on_before_task(task)
+    calls = []
+    forward = learner._fused.forward
+    learner._fused.forward = lambda x: calls.append(len(x)) or forward(x)
+    xs, ys = learner.train_x, learner.train_y
+    learner.train_step(xs[:4], ys[:4], None)  # empty memory: the stream batch only
+    learner.train_step(xs[4:8], ys[4:8], None)  # then the memory batch too
+    assert calls == [4, 4, 4]
+    assert all(p.grad is not None for p in learner.model.parameters())

@@ -116,6 +116,7 @@ class TorchLearner(Learner):
         self.fused_step = bool(getattr(cfg.backend, "fused_step", False))
         self._fused: FusedMLPStep | None = None
         self._fused_plain = False
+        self._fused_pending: list | None = None  # during a step: the fused passes to back-propagate
         self._fast_sgd: torch.optim.Optimizer | None = None
 
     # -- shapes and data ---------------------------------------------------------------------
@@ -186,25 +187,39 @@ class TorchLearner(Learner):
     def criterion(self, logits: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
         return F.cross_entropy(self.masked(logits, t), y)
 
+    def train_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's logits for ``x`` in a loss term of the training step (the step's batch, or a
+        part's memory batch). Where the step takes the fused MLP pass they are computed by it, as
+        a leaf whose gradient, once the step's loss is back-propagated, is passed back through the
+        MLP by hand; elsewhere by the (possibly compiled) model under autograd."""
+        pending = self._fused_pending
+        if pending is None or x.requires_grad:
+            return self.train_forward(x)
+        z, saved = self._fused.forward(x)
+        z.requires_grad_()
+        pending.append((saved, z))
+        return z
+
     def train_step(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
         fused = self._fused if not x.requires_grad else None
         if fused is not None and self._fused_plain:
             loss = fused(x, y, None if t is None else ~self.output_mask[t])
         else:
-            if fused is not None:
-                logits, saved = fused.forward(x)
-                logits.requires_grad_()
-            else:
-                logits = self.train_forward(x)
-            loss = self.criterion(logits, y, t)
-            for p in self._loss_parts:
-                extra = p.extra_loss(x, y, logits)
-                if extra is not None:
-                    loss = loss + extra
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if fused is not None:
-                fused.backward(saved, logits.grad, accumulate=True)
+            self._fused_pending = [] if fused is not None else None
+            try:
+                logits = self.train_logits(x)
+                loss = self.criterion(logits, y, t)
+                for p in self._loss_parts:
+                    extra = p.extra_loss(x, y, logits)
+                    if extra is not None:
+                        loss = loss + extra
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                for saved, z in self._fused_pending or ():
+                    if z.grad is not None:
+                        fused.backward(saved, z.grad, accumulate=True)
+            finally:
+                self._fused_pending = None
         if t is not None:
             release_unused_head_grads(self.model, self.output_mask, t)
         for p in self._grad_parts:

@@ -53,7 +53,7 @@ class DERPart(Part):
         else:
             idx = first
         mx, my, mt, mz = self.memory.get(idx)
-        out = learner.train_forward(mx)  # one forward pass for both memory batches
+        out = learner.train_logits(mx)  # one forward pass for both memory batches
         k = first.numel()
         loss = self.alpha * F.mse_loss(out[:k], mz[:k])
         if self.beta:
