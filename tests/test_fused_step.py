@@ -221,3 +221,17 @@ def test_der_memory_batch_takes_the_fused_pass():
     learner.train_step(xs[4:8], ys[4:8], None)  # then the memory batch too
     assert calls == [4, 4, 4]
     assert all(p.grad is not None for p in learner.model.parameters())
+
+
+def test_cuda_dropout_branch_matches_autograd_of_the_fused_kernel():
+    """On CUDA the fused step uses ATen's fused dropout kernel (a bool mask), as nn.Dropout does
+    there; its backward is checked here on the CPU implementation of the same kernel."""
+    from cl_runner.backends.torch.fused import _dropout_backward
+
+    torch.manual_seed(0)
+    h = torch.randn(6, 9, requires_grad=True)
+    out, mask = torch.ops.aten.native_dropout(h, 0.3, True)
+    assert mask.dtype == torch.bool and mask.shape == h.shape
+    d = torch.randn(6, 9)
+    out.backward(d)
+    assert torch.equal(_dropout_backward(d, mask, 0.3), h.grad)

@@ -12,10 +12,13 @@ backward (the parts' ``after_backward`` gradient terms, clipping, the optimizer)
 :func:`sgd_step` does ``torch.optim.SGD``'s update with the same ``_foreach`` kernels and the
 optimizer's own momentum buffers, without its per-call wrappers.
 
-The learner takes this path only where it computes exactly what autograd would: an MLP backbone
-with a fixed head, the plain (optionally task-masked) cross-entropy, no part adding a loss term,
-no ``torch.compile``; ``backend.fused_step=false`` turns it off. tests/test_fused_step.py checks
-the gradients and whole runs against the autograd path.
+The learner (``TorchLearner.choose_step``) takes this path for an MLP backbone with a fixed head
+and no ``torch.compile``. With the plain (optionally task-masked) cross-entropy and no part adding
+a loss term, :meth:`FusedMLPStep.__call__` is the whole step. Otherwise :meth:`FusedMLPStep.forward`
+gives the logits as a leaf tensor, autograd differentiates the step's loss with respect to them
+(and through any graph a part builds itself), and :meth:`FusedMLPStep.backward` adds the rest.
+``backend.fused_step=false`` turns it off. tests/test_fused_step.py checks the gradients, the SGD
+update and every algorithm's whole run against the autograd path: they are equal bit for bit.
 """
 
 from __future__ import annotations
