@@ -163,12 +163,16 @@ def sgd_step_possible(optimizer: torch.optim.Optimizer) -> bool:
     """Whether :func:`sgd_step` does exactly what ``optimizer.step()`` would."""
     if type(optimizer) is not torch.optim.SGD:
         return False
-    if optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks:
-        return False
     from torch.optim import optimizer as optim_module
 
-    if optim_module._global_optimizer_pre_hooks or optim_module._global_optimizer_post_hooks:
-        return False
+    # Step hooks (the optimizer's own or global ones) run only inside step(); where this torch
+    # keeps them elsewhere, they cannot be checked, so step() is used.
+    for owner, name in ((optimizer, "_optimizer_step_pre_hooks"), (optimizer, "_optimizer_step_post_hooks"),
+                        (optim_module, "_global_optimizer_pre_hooks"),
+                        (optim_module, "_global_optimizer_post_hooks")):
+        hooks = getattr(owner, name, None)
+        if hooks is None or len(hooks):
+            return False
     return all(not g.get("maximize") and not g.get("differentiable") and not g.get("fused")
                and not isinstance(g["lr"], torch.Tensor) for g in optimizer.param_groups)
 
