@@ -39,8 +39,7 @@ class FusedMLPStep:
     def __init__(self, hidden: list[tuple[nn.Linear, nn.Dropout | None]], head: nn.Linear):
         self.hidden = hidden
         self.head = head
-        self.linears = [lin for lin, _ in hidden] + [head]
-        self.params = [p for lin in self.linears for p in (lin.weight, lin.bias)]
+        self.params = [p for lin, _ in (*hidden, (head, None)) for p in (lin.weight, lin.bias)]
         # Post-accumulate-grad hooks (e.g. SI reading the data loss's gradient) run as autograd
         # would run them; looked up when the step is built (a learner rebuilds it every task).
         self.hooks = {id(p): tuple(hooks.values()) for p in self.params
@@ -88,7 +87,7 @@ class FusedMLPStep:
                 out, noise = _dropout(h, drop.p)
             else:
                 out = h
-            saved.append((a, h, noise, drop))
+            saved.append((a, h, noise))
             a = out
         saved.append(a)
         return torch.addmm(self.head.bias, a, self.head.weight.t()), saved
@@ -99,7 +98,7 @@ class FusedMLPStep:
         parameter's ``.grad``: set it, or with ``accumulate`` add to the one already there."""
         self._set_grads(self.head, g, saved[-1], accumulate)
         weight = self.head.weight
-        for (lin, _), (a_in, h, noise, drop) in zip(reversed(self.hidden), reversed(saved[:-1])):
+        for (lin, drop), (a_in, h, noise) in zip(reversed(self.hidden), reversed(saved[:-1])):
             d = g.mm(weight)
             if noise is not None:
                 d = _dropout_backward(d, noise, drop.p)
