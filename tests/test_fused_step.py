@@ -154,7 +154,8 @@ def test_learners_choose_the_fused_step_only_where_it_is_exact():
     assert learner._fused is not None and learner._fast_sgd is None
 
 
-def run(tiny_data_dir, tmp_path, algo, fused, scenario="permutedmnist", lr=0.05, momentum=0.9, **algo_keys):
+def run(tiny_data_dir, tmp_path, algo, fused, scenario="permutedmnist", lr=0.05, momentum=0.9, native=True,
+        **algo_keys):
     benchmark = {"name": "permutedmnist" if scenario == "task_il" else scenario, "num_tasks": 2, "subset": 200,
                  "batch_size": 10, "eval_batch_size": 200}
     if scenario in ("splitmnist", "class_il"):
@@ -166,8 +167,9 @@ def run(tiny_data_dir, tmp_path, algo, fused, scenario="permutedmnist", lr=0.05,
            "progress": False, "loggers": [], "checkpoint": False, "threads": 1,
            "algo": {"name": algo, **algo_keys}, "benchmark": benchmark,
            "backbone": {"width": 32, "dropout": 0.2},
-           "optimizer": {"lr": lr, "momentum": momentum}, "backend": {"fused_step": fused}}
-    return run_experiment(cfg, tmp_path / f"{algo}-{fused}", console=Console(file=io.StringIO()))
+           "optimizer": {"lr": lr, "momentum": momentum},
+           "backend": {"fused_step": fused, "native_update": native}}
+    return run_experiment(cfg, tmp_path / f"{algo}-{fused}-{native}", console=Console(file=io.StringIO()))
 
 
 @pytest.mark.parametrize("algo,scenario,keys", [

@@ -119,6 +119,10 @@ class BackendConfig:
     # kernels autograd calls, without the autograd engine; backends/torch/fused.py).
     # false: autograd and torch.optim for every step.
     fused_step: bool = True
+    # torch on a CPU: the SGD update (with EWC's or MAS's penalty gradient) as one pass of a small
+    # C file compiled once into the cache (backends/torch/native.py); the same float32 operations
+    # as PyTorch's kernels. Used where a C compiler is found; false: PyTorch's kernels.
+    native_update: bool = True
     # torch: ask for deterministic kernels (CPU runs are deterministic either way).
     deterministic: bool = False
 

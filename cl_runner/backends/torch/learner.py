@@ -24,6 +24,7 @@ from cl_runner.backends.torch.augment import build_augment
 from cl_runner.backends.torch.backbones import build_backbone
 from cl_runner.backends.torch.fused import FusedMLPStep, sgd_step, sgd_step_possible
 from cl_runner.backends.torch.heads import add_missing_params, grow_head, release_unused_head_grads
+from cl_runner.backends.torch.native import NativeSGD
 from cl_runner.backends.torch.optim import build_optimizer, set_lr, task_lr
 from cl_runner.core.learner import Learner
 from cl_runner.errors import ConfigError, TrainingDivergedError
@@ -114,6 +115,8 @@ class TorchLearner(Learner):
         self._grad_parts = [p for p in self.parts if _overrides(p, "after_backward")]
         self._step_parts = [p for p in self.parts if _overrides(p, "after_step")]
         self.fused_step = bool(getattr(cfg.backend, "fused_step", False))
+        self.native_update = bool(getattr(cfg.backend, "native_update", False))
+        self._native: NativeSGD | None = None
         self._fused: FusedMLPStep | None = None
         self._fused_plain = False
         self._fused_pending: list | None = None  # during a step: the fused passes to back-propagate
@@ -169,6 +172,9 @@ class TorchLearner(Learner):
             fused = None  # autograd would run a parameter's hooks once, not once per branch
         self._fused = fused
         self._fast_sgd = self.optimizer if self.fused_step and sgd_step_possible(self.optimizer) else None
+        self._native = None
+        if self.native_update and sgd_step_possible(self.optimizer):
+            self._native = NativeSGD.for_learner(self.optimizer, self._grad_parts, self.grad_clip)
 
     def on_after_training(self, task) -> None:
         for p in self.parts:
@@ -222,14 +228,16 @@ class TorchLearner(Learner):
                 self._fused_pending = None
         if t is not None:
             release_unused_head_grads(self.model, self.output_mask, t)
-        for p in self._grad_parts:
-            p.after_backward()
-        if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        if self._fast_sgd is self.optimizer:
-            sgd_step(self.optimizer)
-        else:
-            self.optimizer.step()
+        native = self._native  # the penalty's gradient and the SGD step in one pass (native.py)
+        if native is None or native.optimizer is not self.optimizer or not native():
+            for p in self._grad_parts:
+                p.after_backward()
+            if self.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            if self._fast_sgd is self.optimizer:
+                sgd_step(self.optimizer)
+            else:
+                self.optimizer.step()
         for p in self._step_parts:
             p.after_step()
         return loss.detach()

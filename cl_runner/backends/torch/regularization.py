@@ -42,6 +42,15 @@ class ImportanceRegularizer(Part):
         raise NotImplementedError
 
     # -- shared mechanics ------------------------------------------------------------------------
+    @property
+    def gradient_scale(self) -> float:
+        """2 * strength, the penalty gradient's factor (read from the config once: every step
+        uses it)."""
+        scale = self.__dict__.get("_gradient_scale")
+        if scale is None:
+            scale = self._gradient_scale = 2.0 * self.strength
+        return scale
+
     def on_after_training(self, task) -> None:
         omega = [o.detach().clone() for o in self.importance(task)]
         self.consolidate(omega)
@@ -65,8 +74,9 @@ class ImportanceRegularizer(Part):
             return
         # grad += 2 * strength * (Omega * theta - Omega theta*), in two fused passes
         grads = [p.grad for p in self.params]
-        torch._foreach_addcmul_(grads, self.omega, self.params, value=2.0 * self.strength)
-        torch._foreach_add_(grads, self.omega_anchor, alpha=-2.0 * self.strength)
+        scale = self.gradient_scale
+        torch._foreach_addcmul_(grads, self.omega, self.params, value=scale)
+        torch._foreach_add_(grads, self.omega_anchor, alpha=-scale)
 
     @torch.no_grad()
     def penalty(self) -> float:
