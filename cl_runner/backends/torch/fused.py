@@ -28,6 +28,18 @@ from torch import nn
 
 aten = torch.ops.aten
 
+
+def _direct(overload):
+    """The operator's C++ callable where this torch exposes it (skipping the Python-level
+    dispatch of ``torch.ops``), else the overload itself."""
+    return getattr(overload, "_op", overload)
+
+
+_threshold_backward = _direct(aten.threshold_backward.default)
+_nll_loss_forward = _direct(aten.nll_loss_forward.default)
+_nll_loss_backward = _direct(aten.nll_loss_backward.default)
+_log_softmax_backward = _direct(aten._log_softmax_backward_data.default)
+
 _MEAN = 1  # at::Reduction::Mean
 _IGNORE_INDEX = -100
 
@@ -78,6 +90,9 @@ class FusedMLPStep:
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list]:
         """The logits of the batch (computed without a graph) and what :meth:`backward` needs."""
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list]:
         a = x.reshape(x.shape[0], -1)
         saved = []
         for lin, drop in self.hidden:
@@ -96,13 +111,16 @@ class FusedMLPStep:
     def backward(self, saved: list, g: torch.Tensor, accumulate: bool = False) -> None:
         """Back-propagate ``g`` (the gradient of the loss with respect to the logits) into every
         parameter's ``.grad``: set it, or with ``accumulate`` add to the one already there."""
+        self._backward(saved, g, accumulate)
+
+    def _backward(self, saved: list, g: torch.Tensor, accumulate: bool = False) -> None:
         self._set_grads(self.head, g, saved[-1], accumulate)
         weight = self.head.weight
         for (lin, drop), (a_in, h, noise) in zip(reversed(self.hidden), reversed(saved[:-1])):
             d = g.mm(weight)
             if noise is not None:
                 d = _dropout_backward(d, noise, drop.p)
-            g = aten.threshold_backward(d, h, 0)
+            g = _threshold_backward(d, h, 0)
             self._set_grads(lin, g, a_in, accumulate)
             weight = lin.weight
 
@@ -111,19 +129,19 @@ class FusedMLPStep:
         """The mean cross-entropy loss of the batch (a 0-dim tensor); sets every parameter's
         ``.grad`` to the loss's gradient. ``invalid``: a bool mask (batch, outputs) of logits set
         to -inf before the loss (task-IL)."""
-        z, saved = self.forward(x)
+        z, saved = self._forward(x)
         if invalid is not None:
             z = z.masked_fill(invalid, float("-inf"))
         logp = torch.log_softmax(z, 1)
-        loss, total_weight = aten.nll_loss_forward(logp, y, None, _MEAN, _IGNORE_INDEX)
+        loss, total_weight = _nll_loss_forward(logp, y, None, _MEAN, _IGNORE_INDEX)
         one = self._one
         if one is None or one.device != loss.device or one.dtype != loss.dtype:
             one = self._one = torch.ones_like(loss)
-        g = aten.nll_loss_backward(one, logp, y, None, _MEAN, _IGNORE_INDEX, total_weight)
-        g = aten._log_softmax_backward_data(g, logp, 1, logp.dtype)
+        g = _nll_loss_backward(one, logp, y, None, _MEAN, _IGNORE_INDEX, total_weight)
+        g = _log_softmax_backward(g, logp, 1, logp.dtype)
         if invalid is not None:
             g = g.masked_fill(invalid, 0.0)
-        self.backward(saved, g)
+        self._backward(saved, g)
         return loss
 
     def _set_grads(self, lin: nn.Linear, g: torch.Tensor, a: torch.Tensor, accumulate: bool = False) -> None:

@@ -246,7 +246,10 @@ class TorchLearner(Learner):
         self.model.train()
         n, bs = len(self.train_y), self.batch_size
         perm = torch.randperm(n, generator=self.generator).to(self.device)
-        xs, ys = self.train_x[perm], self.train_y[perm]
+        # Each batch's images are gathered when it is trained (a copy of the whole shuffled
+        # task would cost more than the 10-row gathers); labels and task ids are small.
+        xs = self.train_x
+        ys = self.train_y[perm]
         ts = self.train_t[perm] if self.train_t is not None else None
         num_batches = math.ceil(n / bs)
         losses = torch.zeros(num_batches, device=self.device)
@@ -261,7 +264,9 @@ class TorchLearner(Learner):
             if step_cbs:
                 for cb in step_cbs:
                     cb.on_before_step(loop, base_step + b)
-            xb = self.augment(xs[lo:hi]) if self.augment is not None else xs[lo:hi]
+            xb = xs.index_select(0, perm[lo:hi])
+            if self.augment is not None:
+                xb = self.augment(xb)
             loss = self.train_step(xb, ys[lo:hi], ts[lo:hi] if ts is not None else None)
             losses[b] = loss
             if step_cbs:
