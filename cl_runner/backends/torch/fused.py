@@ -10,7 +10,8 @@ ATen kernels autograd would call (``addmm``, ``threshold_backward``, ``nll_loss_
 backward (the parts' ``after_backward`` gradient terms, clipping, the optimizer) is unchanged.
 
 :func:`sgd_step` does ``torch.optim.SGD``'s update with the same ``_foreach`` kernels and the
-optimizer's own momentum buffers, without its per-call wrappers.
+optimizer's own momentum buffers, without its per-call wrappers. On a CPU, native.py does that
+update (with EWC's or MAS's penalty gradient) in one C pass where it can.
 
 The learner (``TorchLearner.choose_step``) takes this path for an MLP backbone with a fixed head
 and no ``torch.compile``. With the plain (optionally task-masked) cross-entropy and no part adding

@@ -154,7 +154,8 @@ class NativeSGD:
             if len(grad_parts) > 1:
                 return None
             part = grad_parts[0]
-            if type(part).after_backward is not ImportanceRegularizer.after_backward or \
+            # exactly the shared penalty gradient (no subclass or instance replaces after_backward)
+            if getattr(part.after_backward, "__func__", None) is not ImportanceRegularizer.after_backward or \
                     [id(p) for p in part.params] != [id(p) for p in params]:
                 return None
             penalty = part
