@@ -171,9 +171,10 @@ class TorchLearner(Learner):
         if fused is not None and fused.hooks and not self._fused_plain:
             fused = None  # autograd would run a parameter's hooks once, not once per branch
         self._fused = fused
-        self._fast_sgd = self.optimizer if self.fused_step and sgd_step_possible(self.optimizer) else None
+        plain_sgd = sgd_step_possible(self.optimizer)
+        self._fast_sgd = self.optimizer if self.fused_step and plain_sgd else None
         self._native = None
-        if self.native_update and sgd_step_possible(self.optimizer):
+        if self.native_update and plain_sgd:
             self._native = NativeSGD.for_learner(self.optimizer, self._grad_parts, self.grad_clip)
 
     def on_after_training(self, task) -> None:

@@ -8,9 +8,9 @@ five are bound by memory traffic. :class:`NativeSGD` does them in one pass, with
 (``$CLRUN_CACHE_DIR``, else ``~/.cache/clrun``) and loaded with ctypes.
 
 The C code performs the same float32 operations as PyTorch's CPU kernels, fused multiply-adds
-where ATen's vectorised kernels use them, so on x86 CPUs with AVX2/FMA (and on aarch64) the step
-is bit for bit the one ``after_backward`` + ``optimizer.step()`` would take
-(tests/test_native_sgd.py checks it). ``backend.native_update=false`` turns it off; without a C
+where ATen's vectorised kernels use them, so with PyTorch's AVX2 or AVX-512 kernels (x86) the
+step is bit for bit the one ``after_backward`` + ``optimizer.step()`` would take, and elsewhere
+equal up to rounding (tests/test_native_sgd.py checks both). ``backend.native_update=false`` turns it off; without a C
 compiler, on another CPU, on a GPU, or with a case it does not cover (gradient clipping, other
 optimizers, other gradient terms), the learner uses PyTorch's kernels.
 """

@@ -11,6 +11,7 @@ A method only says how Omega is computed (``importance``) and whether snapshots 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -42,14 +43,11 @@ class ImportanceRegularizer(Part):
         raise NotImplementedError
 
     # -- shared mechanics ------------------------------------------------------------------------
-    @property
+    @functools.cached_property
     def gradient_scale(self) -> float:
         """2 * strength, the penalty gradient's factor (read from the config once: every step
         uses it)."""
-        scale = self.__dict__.get("_gradient_scale")
-        if scale is None:
-            scale = self._gradient_scale = 2.0 * self.strength
-        return scale
+        return 2.0 * self.strength
 
     def on_after_training(self, task) -> None:
         omega = [o.detach().clone() for o in self.importance(task)]
