@@ -186,13 +186,14 @@ class NativeSGD:
         c = 0.0
         part = self.penalty
         if part is not None and part.num_snapshots:
-            terms = (part.omega, part.omega_anchor)
-            if self._terms is None or any(a is not b for a, b in zip(terms, self._terms)) or \
-                    any(x is not y for a, b in zip(terms, self._terms) for x, y in zip(a, b)):
-                if not all(t.is_contiguous() and t.dtype == torch.float32 for ts in terms for t in ts):
+            # pointers rebuilt only when the part holds other tensors (a new snapshot, a resume)
+            terms = (*part.omega, *part.omega_anchor)
+            if self._terms is None or len(terms) != len(self._terms) or \
+                    any(x is not y for x, y in zip(terms, self._terms)):
+                if not all(t.is_contiguous() and t.dtype == torch.float32 for t in terms):
                     return False
-                self._terms = (list(terms[0]), list(terms[1]))
-                self._term_ptrs = (_pointers(terms[0]), _pointers(terms[1]))
+                self._terms = terms
+                self._term_ptrs = (_pointers(part.omega), _pointers(part.omega_anchor))
             omega_ptrs, anchor_ptrs = self._term_ptrs
             c = part.gradient_scale
             flags |= HAS_QUAD
