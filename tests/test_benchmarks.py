@@ -7,6 +7,7 @@ import pytest
 
 from cl_runner.benchmarks import build_stream, builder, mnist
 from cl_runner.benchmarks.builder import cache_key
+from cl_runner.benchmarks.pixels import rotation_index
 from cl_runner.benchmarks.transforms import pad, permute_pixels, rotate
 from cl_runner.config import validate_config
 from cl_runner.data.datasets import load_image_dataset
@@ -120,26 +121,28 @@ def test_rotation_jitter_angles_stay_in_bins(tiny_data_dir, monkeypatch):
     assert len(seen[0]) == 600 and len(seen[1]) == 200
 
 
-def test_rotation_jitter_task_draws_one_angle_per_task(tiny_data_dir, monkeypatch):
+def test_rotation_jitter_task_draws_one_angle_per_task(tiny_data_dir, mnist_ds, monkeypatch):
     """GEM's protocol: one angle per task, uniform inside the task's bin, the same for its train
     and test images; different seeds draw different angles."""
     seen = []
 
-    def spy(images, angles, interpolation="nearest"):
-        seen.append(np.broadcast_to(np.asarray(angles, dtype=float), (len(images),)).copy())
-        return rotate(images, angles, interpolation)
+    def spy(angle, h, w):
+        seen.append(angle)
+        return rotation_index(angle, h, w)
 
-    monkeypatch.setattr(mnist, "rotate", spy)
+    monkeypatch.setattr(mnist, "rotation_index", spy)
     s = build(tiny_data_dir, name="rotatedmnist", num_tasks=3, per_task_rotation=30, rotation_jitter="task")
-    for t in range(3):
-        train, test = seen[2 * t], seen[2 * t + 1]
-        assert np.all(train == train[0]) and np.all(test == train[0])
-        assert 30 * t <= train[0] < 30 * (t + 1) and train[0] != 30 * t
-        assert s.tasks[t].info["angle"] == train[0]
-    first = [a[0] for a in seen[::2]]
+    assert len(seen) == 3
+    for t, angle in enumerate(seen):
+        assert 30 * t <= angle < 30 * (t + 1) and angle != 30 * t
+        assert s.tasks[t].info["angle"] == angle
+        # Train and test images are both rotated by the task's angle.
+        assert np.array_equal(s.tasks[t].train_x, rotate(mnist_ds.train_x, angle))
+        assert np.array_equal(s.tasks[t].test_x, rotate(mnist_ds.test_x, angle))
+    first = list(seen)
     seen.clear()
     build(tiny_data_dir, name="rotatedmnist", num_tasks=3, per_task_rotation=30, rotation_jitter="task", seed=1)
-    assert [a[0] for a in seen[::2]] != first
+    assert seen != first
 
 
 def test_rotation_jitter_bad_value_is_a_config_error():
@@ -336,16 +339,21 @@ def test_cache_returns_equal_arrays_without_reading_data(tiny_data_dir, tmp_path
             assert getattr(a, part).dtype == getattr(b, part).dtype
 
 
-def test_damaged_cache_entry_is_rebuilt(tiny_data_dir, tmp_path):
-    kw = dict(name="rotatedmnist", num_tasks=2, cache=True)
+@pytest.mark.parametrize("kw, damaged", [
+    (dict(name="rotatedmnist"), "task1_test_x_index.npy"),  # a task's pixel index
+    (dict(name="rotatedmnist"), "base_test.npy"),  # the source split the tasks are gathered from
+    (dict(name="rotatedmnist", rotation_jitter=True), "task1_test_x.npy"),  # stored pixels
+])
+def test_damaged_cache_entry_is_rebuilt(tiny_data_dir, tmp_path, kw, damaged):
+    kw = dict(num_tasks=2, cache=True, **kw)
     first = build(tiny_data_dir, cache_dir=tmp_path, **kw)
-    # A copy: the built stream reads its arrays from the cache files (memory maps), and the
-    # file is about to be overwritten in place.
+    # A copy: stored pixels are read from the cache files (memory maps), and the file is about
+    # to be overwritten in place.
     expected = np.array(first.tasks[1].test_x)
-    assert isinstance(first.tasks[1].test_x, np.memmap)
+    assert isinstance(first.tasks[1].test_x, np.memmap) == (damaged == "task1_test_x.npy")
     entry = next((tmp_path / "streams").iterdir())
     del first
-    (entry / "task1_test_x.npy").write_bytes(b"garbage")
+    (entry / damaged).write_bytes(b"garbage")
     again = build(tiny_data_dir, cache_dir=tmp_path, **kw)
     np.testing.assert_array_equal(again.tasks[1].test_x, expected)
 

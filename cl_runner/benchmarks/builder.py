@@ -7,7 +7,6 @@ helpers here (subsets, label spaces, the disk cache) are shared by all recipes.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -19,12 +18,13 @@ from typing import Any, Callable
 
 import numpy as np
 
+from cl_runner.benchmarks.pixels import GatherPlan, PixelGather, gather_all, small_pages
 from cl_runner.benchmarks.stream import Stream, Task
 from cl_runner.data.datasets import (ImageDataset, default_cache_dir, default_data_dir, find_files,
                                      load_image_dataset)
 from cl_runner.registry import BENCHMARKS
 
-CACHE_FORMAT = 2  # 2: nearest rotation computed in fixed point, as PIL does
+CACHE_FORMAT = 3  # 2: nearest rotation computed in fixed point, as PIL does; 3: pixel-remap plans
 
 
 @dataclass
@@ -94,29 +94,6 @@ def _plain(value: Any) -> Any:
     return value
 
 
-@contextlib.contextmanager
-def _small_pages():
-    """NumPy asks Linux for transparent huge pages for its large arrays. A stream build allocates
-    over a gigabyte of arrays it writes once; on virtual machines where a huge-page fault is slow
-    (2 MB zeroed at a time) that dominated the build (9.5 s against 3.0 s for the 20 rotated tasks,
-    before the cache write, on this project's 2-core machine), so the build uses ordinary pages."""
-    try:
-        from numpy._core.multiarray import _set_madvise_hugepage
-    except ImportError:
-        try:
-            from numpy.core.multiarray import _set_madvise_hugepage
-        except ImportError:
-            _set_madvise_hugepage = None
-    if _set_madvise_hugepage is None:
-        yield
-        return
-    before = _set_madvise_hugepage(False)
-    try:
-        yield
-    finally:
-        _set_madvise_hugepage(before)
-
-
 def build_stream(bcfg, seed: int, data_dir=None, cache_dir=None, use_cache: bool | None = None) -> Stream:
     """The stream for benchmark config ``bcfg``, from the disk cache when it is there."""
     recipe, num_tasks, scenario = resolve(bcfg)
@@ -133,7 +110,7 @@ def build_stream(bcfg, seed: int, data_dir=None, cache_dir=None, use_cache: bool
     dataset = load_image_dataset(recipe.dataset, data_dir)
     if source is None:  # the files were downloaded just now
         path = root / "streams" / cache_key(bcfg, seed, source_fingerprint(recipe.dataset, data_dir))
-    with _small_pages():
+    with small_pages():
         stream = recipe.build(bcfg, dataset, seed, num_tasks, scenario)
     if bcfg.pad_to:
         from cl_runner.benchmarks.transforms import pad
@@ -141,6 +118,7 @@ def build_stream(bcfg, seed: int, data_dir=None, cache_dir=None, use_cache: bool
         for t in stream.tasks:
             t.train_x, t.test_x = pad(t.train_x, bcfg.pad_to), pad(t.test_x, bcfg.pad_to)
         stream.input_shape = stream.tasks[0].train_x.shape[1:]
+        stream.plan = None  # the padded images are no longer the plan's gathers
     if use_cache:
         try:
             save_cached(stream, path)
@@ -152,22 +130,37 @@ def build_stream(bcfg, seed: int, data_dir=None, cache_dir=None, use_cache: bool
 def save_cached(stream: Stream, path: Path) -> None:
     """Write the stream under ``path`` atomically (a temporary folder renamed into place).
 
-    Each array, once written, is replaced in the stream by a read-only memory map of its file,
-    so the built copy is freed task by task and the run reads the same pages the cache holds
-    (a 20-task stream is over a gigabyte: holding it twice costs memory and page faults)."""
+    Images that are pixel remaps of the source splits (``stream.plan``) are stored as the plan:
+    the source splits once and each task's index. The other arrays are stored as .npy files and,
+    once written, replaced in the stream by read-only memory maps of their files, so the built
+    copy is freed task by task and the run reads the same pages the cache holds."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
+    plan = stream.plan
+    planned = {} if plan is None else plan.parts
     try:
         tasks_meta = []
         for t in stream.tasks:
+            gathered = {}
             for part in ("train_x", "train_y", "test_x", "test_y"):
+                g = planned.get((t.id, part))
+                if g is not None:
+                    np.save(tmp / f"task{t.id}_{part}_index.npy", g.index)
+                    if g.rows is not None:
+                        np.save(tmp / f"task{t.id}_{part}_rows.npy", g.rows)
+                    gathered[part] = {"split": g.split, "rows": g.rows is not None}
+                    continue
                 file = tmp / f"task{t.id}_{part}.npy"
                 np.save(file, getattr(t, part))
                 setattr(t, part, np.load(file, mmap_mode="r"))
-            tasks_meta.append({"id": t.id, "classes": t.classes.tolist(), "info": t.info})
+            tasks_meta.append({"id": t.id, "classes": t.classes.tolist(), "info": t.info,
+                               "gathered": gathered})
+        splits = sorted({g.split for g in planned.values()})
+        for split in splits:
+            np.save(tmp / f"base_{split}.npy", plan.bases[split])
         meta = {"name": stream.name, "scenario": stream.scenario, "num_outputs": stream.num_outputs,
                 "input_shape": list(stream.input_shape), "mean": list(stream.mean),
-                "std": list(stream.std), "tasks": tasks_meta, "format": CACHE_FORMAT}
+                "std": list(stream.std), "tasks": tasks_meta, "bases": splits, "format": CACHE_FORMAT}
         (tmp / "meta.json").write_text(json.dumps(meta))
         try:
             os.rename(tmp, path)
@@ -180,22 +173,41 @@ def save_cached(stream: Stream, path: Path) -> None:
 
 def load_cached(path: Path) -> Stream:
     meta = json.loads((path / "meta.json").read_text())
-    tasks = []
+    plan = GatherPlan(bases={s: np.load(path / f"base_{s}.npy", mmap_mode="r") for s in meta["bases"]})
+    arrays = []
     for tm in meta["tasks"]:
-        arrays = {part: np.load(path / f"task{tm['id']}_{part}.npy", mmap_mode="r")
-                  for part in ("train_x", "train_y", "test_x", "test_y")}
-        tasks.append(Task(id=tm["id"], classes=np.asarray(tm["classes"], dtype=np.int64),
-                          info=tm["info"], **arrays))
+        parts = {}
+        for part in ("train_x", "train_y", "test_x", "test_y"):
+            g = tm["gathered"].get(part)
+            if g is None:
+                parts[part] = np.load(path / f"task{tm['id']}_{part}.npy", mmap_mode="r")
+                continue
+            rows = np.load(path / f"task{tm['id']}_{part}_rows.npy") if g["rows"] else None
+            plan.parts[(tm["id"], part)] = PixelGather(
+                g["split"], np.load(path / f"task{tm['id']}_{part}_index.npy"), rows)
+        arrays.append(parts)
+    keys = list(plan.parts)
+    for key, x in zip(keys, gather_all(plan.bases, [plan.parts[key] for key in keys])):
+        arrays[key[0]][key[1]] = x
+    tasks = [Task(id=tm["id"], classes=np.asarray(tm["classes"], dtype=np.int64), info=tm["info"],
+                  **parts) for tm, parts in zip(meta["tasks"], arrays)]
     return Stream(name=meta["name"], scenario=meta["scenario"], tasks=tasks,
                   num_outputs=meta["num_outputs"], input_shape=tuple(meta["input_shape"]),
-                  mean=tuple(meta["mean"]), std=tuple(meta["std"]))
+                  mean=tuple(meta["mean"]), std=tuple(meta["std"]), plan=plan if plan.parts else None)
+
+
+def subset_rows(total: int, n: int | None, rng: np.random.Generator) -> np.ndarray | None:
+    """The sorted rows of ``n`` samples drawn without replacement from ``total`` (None: all)."""
+    if n is None or n >= total:
+        return None
+    return np.sort(rng.choice(total, size=n, replace=False)).astype(np.int64)
 
 
 def take_subset(x: np.ndarray, y: np.ndarray, n: int | None, rng: np.random.Generator):
     """``n`` samples drawn without replacement (all of them, in order, when n is None)."""
-    if n is None or n >= len(y):
+    idx = subset_rows(len(y), n, rng)
+    if idx is None:
         return x, y
-    idx = np.sort(rng.choice(len(y), size=n, replace=False))
     return x[idx], y[idx]
 
 

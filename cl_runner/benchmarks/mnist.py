@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from cl_runner.benchmarks.builder import Recipe, register_benchmark, take_subset, task_rng
+from cl_runner.benchmarks.builder import Recipe, register_benchmark, subset_rows, take_subset, task_rng
+from cl_runner.benchmarks.pixels import GatherPlan, PixelGather, gather_all, rotation_index
 from cl_runner.benchmarks.stream import Stream, Task
 from cl_runner.benchmarks.transforms import permute_pixels, rotate
 from cl_runner.data.datasets import ImageDataset
@@ -13,26 +14,52 @@ from cl_runner.errors import ConfigError
 SUBSET, TEST_SUBSET, PERMUTATION, ANGLES, CLASS_ORDER = 1, 2, 3, 4, 5
 
 
-def _input_domain_stream(name, bcfg, ds: ImageDataset, seed, num_tasks, scenario, transform) -> Stream:
+def _input_domain_stream(name, bcfg, ds: ImageDataset, seed, num_tasks, scenario, transform,
+                         pixel_index=None) -> Stream:
     """Tasks that share the label set and differ by an input transform (permuted, rotated).
 
     domain_il: one 10-way output shared by all tasks. task_il / class_il: task t's labels are
     shifted to 10t..10t+9 (10*T outputs); task-IL restricts logits to the task's ten units.
+
+    ``pixel_index(t)``, where given, returns task t's transform as a pixel remap (an int32 index
+    over H*W, -1 for a zero pixel) and the task's info, or None; such tasks are gathered from the
+    source splits (benchmarks/pixels.py) and the stream carries the plan, which the disk cache
+    stores instead of the pixels. Other tasks go through ``transform(t, x_train, x_test)``.
     """
     k = ds.num_classes
     shared = scenario == "domain_il"
-    tasks = []
+    plan = GatherPlan(bases={"train": ds.train_x, "test": ds.test_x})
+    parts = []
     for t in range(num_tasks):
-        xtr, ytr = take_subset(ds.train_x, ds.train_y, bcfg.subset, task_rng(seed, t, SUBSET))
-        xte, yte = take_subset(ds.test_x, ds.test_y, bcfg.test_subset, task_rng(seed, t, TEST_SUBSET))
-        xtr, xte, info = transform(t, xtr, xte)
+        rtr = subset_rows(len(ds.train_y), bcfg.subset, task_rng(seed, t, SUBSET))
+        rte = subset_rows(len(ds.test_y), bcfg.test_subset, task_rng(seed, t, TEST_SUBSET))
+        ytr = ds.train_y if rtr is None else ds.train_y[rtr]
+        yte = ds.test_y if rte is None else ds.test_y[rte]
+        remap = pixel_index(t) if pixel_index is not None else None
+        if remap is not None:
+            index, info = remap
+            plan.parts[(t, "train_x")] = PixelGather("train", index, rtr)
+            plan.parts[(t, "test_x")] = PixelGather("test", index, rte)
+            xtr = xte = None
+        else:
+            xtr = ds.train_x if rtr is None else ds.train_x[rtr]
+            xte = ds.test_x if rte is None else ds.test_x[rte]
+            xtr, xte, info = transform(t, xtr, xte)
+        parts.append([xtr, ytr, xte, yte, info])
+    if plan.parts:
+        keys = list(plan.parts)
+        for key, x in zip(keys, gather_all(plan.bases, [plan.parts[key] for key in keys])):
+            parts[key[0]][0 if key[1] == "train_x" else 2] = x
+    tasks = []
+    for t, (xtr, ytr, xte, yte, info) in enumerate(parts):
         offset = 0 if shared else k * t
         tasks.append(Task(id=t, train_x=np.ascontiguousarray(xtr), train_y=ytr + offset,
                           test_x=np.ascontiguousarray(xte), test_y=yte + offset,
                           classes=np.arange(offset, offset + k), info=info))
     return Stream(name=name, scenario=scenario, tasks=tasks,
                   num_outputs=k if shared else k * num_tasks,
-                  input_shape=tuple(ds.train_x.shape[1:]), mean=ds.mean, std=ds.std)
+                  input_shape=tuple(ds.train_x.shape[1:]), mean=ds.mean, std=ds.std,
+                  plan=plan if plan.parts else None)
 
 
 def rotation_jitter_mode(value) -> str | None:
@@ -68,7 +95,18 @@ def build_rotated(bcfg, ds, seed, num_tasks, scenario):
             info = {"angle": t * step}
         return (rotate(xtr, a_tr, bcfg.interpolation), rotate(xte, a_te, bcfg.interpolation), info)
 
-    return _input_domain_stream(bcfg.name, bcfg, ds, seed, num_tasks, scenario, transform)
+    def pixel_index(t):
+        # One nearest-neighbour angle for the task: a fixed remap of the pixels.
+        jitter = rotation_jitter_mode(bcfg.rotation_jitter)
+        if jitter == "sample" or bcfg.interpolation != "nearest":
+            return None
+        if jitter == "task":
+            angle = float(task_rng(seed, t, ANGLES).uniform(t * step, (t + 1) * step))
+        else:
+            angle = t * step
+        return rotation_index(angle, *ds.train_x.shape[2:]), {"angle": angle}
+
+    return _input_domain_stream(bcfg.name, bcfg, ds, seed, num_tasks, scenario, transform, pixel_index)
 
 
 def build_permuted(bcfg, ds, seed, num_tasks, scenario):
@@ -80,7 +118,13 @@ def build_permuted(bcfg, ds, seed, num_tasks, scenario):
         perm = task_rng(seed, t, PERMUTATION).permutation(pixels)
         return permute_pixels(xtr, perm), permute_pixels(xte, perm), {"permuted": True}
 
-    return _input_domain_stream(bcfg.name, bcfg, ds, seed, num_tasks, scenario, transform)
+    def pixel_index(t):
+        if t == 0 and bcfg.first_task_unpermuted:
+            return np.arange(pixels, dtype=np.int32), {"permuted": False}
+        perm = task_rng(seed, t, PERMUTATION).permutation(pixels)
+        return perm.astype(np.int32), {"permuted": True}
+
+    return _input_domain_stream(bcfg.name, bcfg, ds, seed, num_tasks, scenario, transform, pixel_index)
 
 
 def class_order(bcfg, num_classes: int, seed: int) -> list[int]:

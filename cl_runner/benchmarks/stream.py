@@ -42,6 +42,9 @@ class Stream:
     input_shape: tuple[int, ...]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    # How the task images derive from the source splits where they are pixel remaps
+    # (a benchmarks.pixels.GatherPlan): the disk cache stores this instead of the pixels.
+    plan: Any = field(default=None, repr=False, compare=False)
 
     @property
     def num_tasks(self) -> int:

@@ -18,19 +18,14 @@ optimizers, other gradient terms), the learner uses PyTorch's kernels.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
 import platform
-import shlex
-import shutil
-import subprocess
-import sysconfig
-import tempfile
 import threading
 from pathlib import Path
 
 import torch
+
+from cl_runner.utils import cbuild
 
 log = logging.getLogger(__name__)
 
@@ -43,43 +38,17 @@ _unavailable: str | None = None  # why the library could not be had (once known)
 
 
 def compiler() -> list[str] | None:
-    """The C compiler command: $CC, else Python's own, else cc / gcc / clang on the PATH."""
-    for candidate in (os.environ.get("CC"), sysconfig.get_config_var("CC")):
-        if candidate:
-            cmd = shlex.split(candidate)
-            if cmd and shutil.which(cmd[0]):
-                return cmd
-    for name in ("cc", "gcc", "clang"):
-        if shutil.which(name):
-            return [name]
-    return None
+    """The C compiler command (see :func:`cl_runner.utils.cbuild.compiler`)."""
+    return cbuild.compiler()
 
 
 def library_path(cache_dir: Path | None = None) -> Path:
-    from cl_runner.data.datasets import default_cache_dir
-
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + platform.machine().encode() + platform.system().encode()).hexdigest()[:16]
-    return (cache_dir or default_cache_dir()) / "native" / f"sgd-{key}.so"
+    return cbuild.library_path(SOURCE, "sgd", cache_dir)
 
 
 def build(path: Path) -> None:
     """Compile native_sgd.c into ``path`` (written under a temporary name, then renamed)."""
-    cmd = compiler()
-    if cmd is None:
-        raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp.so", dir=path.parent)
-    os.close(fd)
-    try:
-        args = [*cmd, "-O3", "-ffp-contract=off", "-fPIC", "-shared", str(SOURCE), "-o", tmp, "-lm"]
-        done = subprocess.run(args, capture_output=True, text=True, timeout=120)
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(args)} failed: {(done.stderr or done.stdout).strip()[-2000:]}")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    cbuild.compile_library(SOURCE, path, compiler(), ("-ffp-contract=off",))
 
 
 def library() -> ctypes.CDLL | None:
