@@ -24,7 +24,7 @@ Rows (JAX backend, CPU):
                 --algos ewc the seeds row is EWC x5 against the jax ewc row's one seed.
 Data rows: building the 20 rotated tasks from the IDX files, and loading them from the cache.
 
-    python scripts/bench.py --data-dir ../shared/data            # full reference (~30 min)
+    python scripts/bench.py --data-dir ../shared/data            # full reference (~50 min)
     python scripts/bench.py --data-dir ../shared/data --quick    # 3 tasks x 10k, naive rows (< 1 min)
     python scripts/bench.py --algorithms                         # steps/s of every algorithm vs naive
 
