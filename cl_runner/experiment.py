@@ -278,8 +278,8 @@ def run_seeds(typed, out: Path, console: Console, err_console: Console, callback
 
 def _run_vectorized(typed, seeds, seed_configs, out: Path, err_console: Console, callbacks, cpu_count,
                     t_start: float) -> tuple[list[dict], dict]:
-    """All seeds on the jax backend as one vmapped program per epoch; (per-seed results,
-    compilation counts). Seeds whose streams are the same share one stream object."""
+    """All seeds on the jax backend as one compiled program per epoch and device (jax/seeds.py);
+    (per-seed results, compilation counts). Seeds whose streams are the same share one stream."""
     from cl_runner.backends.jax.seeds import SeedGroup
     from cl_runner.benchmarks.builder import cache_key
 
@@ -290,6 +290,7 @@ def _run_vectorized(typed, seeds, seed_configs, out: Path, err_console: Console,
     backend.seed_everything(seeds[0], typed.backend.deterministic)
     streams: dict[str, object] = {}
     runs, loops = [], []
+    devices = backend.seed_devices(device, len(seeds), cpu_count)
     for i, (s, c) in enumerate(zip(seeds, seed_configs)):
         typed_s, _ = validate_config(c)
         key = cache_key(typed_s.benchmark, s)
@@ -300,7 +301,7 @@ def _run_vectorized(typed, seeds, seed_configs, out: Path, err_console: Console,
                               highlight=False)
         stream = streams[key]
         data_time = time.perf_counter() - t0
-        learner = backend.build_learner(typed_s, stream, device, s)
+        learner = backend.build_learner(typed_s, stream, devices[i], s)
         if device.type == "cpu" and hasattr(learner, "set_threads"):
             learner.set_threads(train_threads, eval_threads)
         run_out = check_writable(Path(out) / f"seed={s}")
@@ -315,9 +316,12 @@ def _run_vectorized(typed, seeds, seed_configs, out: Path, err_console: Console,
                                    eval_on=typed_s.training.eval_on, eval_initial=typed_s.training.eval_initial,
                                    eval_task_il=typed_s.training.eval_task_il))
         runs.append((typed_s, run_out, loggers, cbs, config, data_time))
-    err_console.print(f"{len(seeds)} seeds {seeds} trained together (one vmapped program per epoch)",
-                      highlight=False)
     group = SeedGroup(loops, note=lambda m: err_console.print(m, highlight=False))
+    how = "one vmapped program" if group.program == "vmap" else "one program"
+    if len(group.cohorts) > 1:
+        parts = " | ".join(",".join(str(seeds[i]) for i in members) for members in group.cohorts)
+        how += f" on each of {len(group.cohorts)} CPU devices, side by side: seeds {parts}"
+    err_console.print(f"{len(seeds)} seeds {seeds} trained together ({how} per epoch)", highlight=False)
     try:
         with _sigterm_as_interrupt():
             states = group.run()

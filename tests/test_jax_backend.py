@@ -128,6 +128,28 @@ def test_implementations_are_registered_for_jax():
     assert {"jax", "flax", "optax"} <= set(jax_backend.versions())
 
 
+@pytest.mark.parametrize("normalize", [True, False])
+def test_inputs_are_the_torch_backends_bit_for_bit(normalize):
+    """Every uint8 value of every channel (3 channels with CIFAR-10's statistics) converts to the
+    float32 the PyTorch backend computes; a float input takes the host path to the same numbers."""
+    x = np.stack([np.roll(np.arange(256, dtype=np.uint8), 7 * c).reshape(1, 16, 16) for c in range(3)], 1)
+    x = np.concatenate([x, x[:, ::-1]])  # (2, 3, 16, 16)
+    tasks = [Task(id=0, train_x=x, train_y=np.zeros(2, np.int64), test_x=x, test_y=np.zeros(2, np.int64),
+                  classes=np.arange(10))]
+    stream = Stream(name="synthetic", scenario="domain_il", tasks=tasks, num_outputs=10, input_shape=(3, 16, 16),
+                    mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
+    jl = jax_learner(stream, benchmark={"normalize": normalize})
+    tl = torch_learner(stream, benchmark={"normalize": normalize})
+    want = tl.to_input(x).numpy()
+    got = jl.to_input(x)
+    assert got.dtype == jnp.float32 and got.shape == x.shape
+    np.testing.assert_array_equal(np.asarray(got), want)
+    if normalize:
+        by_hand = (np.float32(x[0, 1, 0, 3]) * np.float32(1 / 255) - np.float32(0.4822)) / np.float32(0.2435)
+        assert np.asarray(got)[0, 1, 0, 3] == by_hand
+    np.testing.assert_array_equal(np.asarray(jl.to_input(x.astype(np.float32))), want)
+
+
 def test_resolve_device():
     dev = jax_backend.resolve_device("cpu")
     assert dev.type == "cpu" and str(dev) == "cpu"

@@ -4,6 +4,7 @@ after another; aggregate.json holds the mean and sample std over seeds."""
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import statistics
@@ -39,11 +40,12 @@ def quiet() -> Console:
     return Console(file=io.StringIO())
 
 
-def tiny_run(data_dir, algo: str, benchmark: str = "rotatedmnist", backend: str = "jax", **extra) -> dict:
+def tiny_run(data_dir, algo: str, benchmark: str = "rotatedmnist", backend: str = "jax", num_tasks: int = 3,
+             epochs: int = 2, backend_extra: dict | None = None, **extra) -> dict:
     return {"data_dir": str(data_dir), "progress": False, "loggers": [], "checkpoint": False, "device": "cpu",
-            "benchmark": {"name": benchmark, "num_tasks": 3, "batch_size": 32, "eval_batch_size": 200},
-            "backbone": {"type": "mlp", "width": 32}, "algo": {"name": algo}, "backend": {"name": backend},
-            "training": {"epochs_per_task": 2}, **extra}
+            "benchmark": {"name": benchmark, "num_tasks": num_tasks, "batch_size": 32, "eval_batch_size": 200},
+            "backbone": {"type": "mlp", "width": 32}, "algo": {"name": algo},
+            "backend": {"name": backend, **(backend_extra or {})}, "training": {"epochs_per_task": epochs}, **extra}
 
 
 def assert_same_run(alone: dict, together: dict) -> None:
@@ -58,13 +60,16 @@ def assert_same_run(alone: dict, together: dict) -> None:
 
 # -- vectorised == each seed alone ----------------------------------------------------------------
 
+@pytest.mark.parametrize("program", ["vmap", "unroll"])
 @pytest.mark.parametrize("algo, bench", [("naive", "rotatedmnist"), ("ewc", "permutedmnist")])
-def test_vectorized_seeds_match_each_seed_alone(tiny_data_dir, tmp_path, algo, bench):
+def test_vectorized_seeds_match_each_seed_alone(tiny_data_dir, tmp_path, algo, bench, program):
     """Rotated MNIST: one stream shared by every seed (data enter the program unbatched);
     Permuted MNIST: each seed its own permutations (data stacked per seed). EWC's Fisher runs per
-    seed between the programs and its importance sums are batched state."""
+    seed between the programs and its importance sums are batched state. Both ways of sharing
+    the program (backend.seed_program)."""
     out = tmp_path / "together"
-    agg = run_experiment({**tiny_run(tiny_data_dir, algo, bench), "seeds": SEEDS}, out, console=quiet())
+    agg = run_experiment({**tiny_run(tiny_data_dir, algo, bench, backend_extra={"seed_program": program}),
+                          "seeds": SEEDS}, out, console=quiet())
     assert agg["vectorized"] is True
     # One compilation of the epoch program and one of the evaluation for 3 seeds x 3 tasks x 2 epochs.
     assert agg["compilations"] == {"epoch": 1, "eval": 1}
@@ -80,6 +85,41 @@ def test_vectorized_seeds_match_each_seed_alone(tiny_data_dir, tmp_path, algo, b
     if bench == "permutedmnist":  # the permutations depend on the seed: the seeds' data differ
         first = [read_results(out / f"seed={s}")["initial_acc"] for s in SEEDS]
         assert first[0] != first[1]
+
+
+@pytest.mark.parametrize("algo", ["si", "mas", "er", "der", "agem", "gem"])
+def test_more_algorithms_vectorized_match_each_seed_alone(tiny_data_dir, tmp_path, algo):
+    """The other methods whose seeds share one program, with the CPU's default (each step takes
+    every seed's step in turn): SI's path integral, MAS's importance, the replay memories with
+    their counters and keys, A-GEM's projection and GEM's quadratic program (a host callback under
+    a traced condition) give each seed the run it has alone."""
+    out = tmp_path / "together"
+    run = functools.partial(tiny_run, tiny_data_dir, algo, num_tasks=2, epochs=1)
+    agg = run_experiment({**run(), "seeds": [0, 1]}, out, console=quiet())
+    assert agg["vectorized"] is True and agg["compilations"]["epoch"] == 1
+    for s in (0, 1):
+        alone = run_experiment(run(seed=s), tmp_path / f"alone{s}", console=quiet())
+        assert_same_run(alone, read_results(out / f"seed={s}"))
+
+
+def test_seed_program_choice_and_bad_values():
+    cfg = validate_config({"backend": {"name": "jax"}, "backbone": {"width": 8}, "benchmark": {"batch_size": 8}})[0]
+    stream = synthetic_stream(0)
+    loops = [ContinualLoop(JaxLearner(cfg, stream, CPU, s), stream) for s in (0, 1)]
+    assert SeedGroup(loops).program == "unroll"  # auto, on the CPU
+    cfg.backend.seed_program = "vmap"
+    assert SeedGroup(loops).program == "vmap"
+
+    class OwnProgram(JaxLearner):
+        def _epoch_program(self, carry, x, y, t, mask_table):
+            return super()._epoch_program(carry, x, y, t, mask_table)
+
+    cfg.backend.seed_program = "unroll"
+    own = [ContinualLoop(OwnProgram(cfg, stream, CPU, s), stream) for s in (0, 1)]
+    assert SeedGroup(own).program == "vmap"  # a replaced epoch program is always vmapped
+    cfg.backend.seed_program = "loop"
+    with pytest.raises(ConfigError, match="seed_program='loop' is not one of auto, vmap, unroll"):
+        SeedGroup(loops)
 
 
 def test_aggregate_file_is_the_mean_and_sample_std_of_the_seeds(tiny_data_dir, tmp_path):
@@ -156,12 +196,13 @@ def synthetic_stream(seed: int, n_train: int = 44) -> Stream:
                   mean=(0.5,), std=(0.25,))
 
 
-def test_any_part_state_is_batched_and_matches_seeds_alone():
+@pytest.mark.parametrize("program", ["vmap", "unroll"])
+def test_any_part_state_is_batched_and_matches_seeds_alone(program):
     """A part with per-step state, a traced loss term and an end-of-task hook; dropout (the
     carried key) on; a padded last batch (44 samples at batch 8); each seed its own data: per
     seed, the same parameters, part state and accuracies as when that seed runs alone; traced
     and compiled once."""
-    cfg = validate_config({"backend": {"name": "jax"}, "algo": {"name": "naive"},
+    cfg = validate_config({"backend": {"name": "jax", "seed_program": program}, "algo": {"name": "naive"},
                            "backbone": {"width": 8, "dropout": 0.25}, "benchmark": {"batch_size": 8},
                            "optimizer": {"lr": 0.05, "momentum": 0.9}})[0]
     seeds = [0, 1]
@@ -242,6 +283,36 @@ def test_torch_runs_seeds_one_after_another_from_the_command_line(tiny_data_dir,
     alone = run_experiment(cfg, tmp_path / "alone", console=quiet())
     assert_same_run(alone, read_results(run_dir / "seed=1"))
     assert saved["metrics"]["avg_acc"]["values"][1] == pytest.approx(alone["avg_acc"])
+
+
+@pytest.mark.parametrize("algo, bench", [("ewc", "rotatedmnist"), ("naive", "permutedmnist")])
+def test_seeds_spread_over_cpu_devices_match_each_seed_alone(tiny_data_dir, tmp_path, algo, bench):
+    """With two JAX CPU devices the seeds train as two programs side by side (seeds 0,1 | 2), the
+    devices holding a shared stream's images once each (Rotated MNIST) or each seed's own
+    (Permuted MNIST); every seed's run is still the run it has alone (here, on one device)."""
+    run_dir = tmp_path / "run"
+    args = [f"backend=jax", f"algo={algo}", f"benchmark={bench}", "benchmark.num_tasks=2", "seeds=[0,1,2]",
+            "training.epochs_per_task=2", f"data_dir={tiny_data_dir}", "benchmark.batch_size=32",
+            "benchmark.eval_batch_size=200", "backbone.width=32", "progress=false", "loggers=[console]",
+            f"hydra.run.dir={run_dir}"]
+    proc = run_clrun(args, cwd=tmp_path, env={"JAX_NUM_CPU_DEVICES": "2"})
+    assert proc.returncode == 0, proc.stderr
+    assert "on each of 2 CPU devices, side by side: seeds 0,1 | 2" in " ".join(proc.stderr.split())
+    saved = json.loads((run_dir / "aggregate.json").read_text())
+    assert saved["vectorized"] is True
+    for s in (0, 1, 2):
+        cfg = tiny_run(tiny_data_dir, algo, bench, num_tasks=2, seed=s)
+        alone = run_experiment(cfg, tmp_path / f"alone{s}", console=quiet())
+        assert_same_run(alone, read_results(run_dir / f"seed={s}"))
+
+
+def test_seed_devices_are_balanced_contiguous_groups():
+    devices = jax_backend.seed_devices(CPU, 5, cores=1)
+    assert devices == [CPU] * 5  # one core: one program
+    cpus = jax.devices("cpu")
+    if len(cpus) >= 2:
+        ids = [d.jax.id for d in jax_backend.seed_devices(CPU, 5, cores=2)]
+        assert ids == [cpus[0].id] * 3 + [cpus[1].id] * 2
 
 
 # -- validation ------------------------------------------------------------------------------------

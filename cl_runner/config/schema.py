@@ -125,6 +125,9 @@ class BackendConfig:
     native_update: bool = True
     # torch: ask for deterministic kernels (CPU runs are deterministic either way).
     deterministic: bool = False
+    # jax with seeds=[...]: how the seeds share one program. vmap: batched arithmetic (GPUs);
+    # unroll: each step takes every seed's step in turn (faster on CPUs); auto: unroll on a CPU.
+    seed_program: str = "auto"
 
 
 @dataclass
@@ -155,7 +158,7 @@ class ExpectedConfig:
 class RunConfig:
     seed: int = 0
     # Several seeds in one run, e.g. [0,1,2,3,4]; when set it replaces ``seed``. The jax backend
-    # trains them together (one vmapped program per epoch), torch one after another; each seed
+    # trains them together (one compiled program per epoch), torch one after another; each seed
     # writes seed=<s>/results.json, and aggregate.json holds the mean and std over seeds.
     seeds: Optional[List[int]] = None
     data_dir: Optional[str] = None

@@ -8,9 +8,33 @@ from dataclasses import dataclass
 
 import jax
 
-from cl_runner.backends.jax import algorithms, backbones, learner, optim  # noqa: F401
-from cl_runner.errors import ConfigError
-from cl_runner.registry import ALGORITHMS
+
+def _cpu_count_chosen() -> bool:
+    """Whether the environment sets the number of JAX CPU devices."""
+    return "JAX_NUM_CPU_DEVICES" in os.environ or \
+        "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
+
+
+def _split_cpu() -> None:
+    """One JAX CPU device per usable core, so that several seeds (``seeds=[...]``) train as one
+    program per device, side by side (jax/seeds.py); a single run uses the first device, whose
+    math library still uses every core. Only possible before JAX's first computation in this
+    process, and left alone when JAX_NUM_CPU_DEVICES or XLA's host device count is set."""
+    if _cpu_count_chosen():
+        return
+    from cl_runner.sweeps import usable_cores
+
+    try:
+        jax.config.update("jax_num_cpu_devices", usable_cores())
+    except (RuntimeError, AttributeError):  # JAX already runs: its devices stay as they are
+        pass
+
+
+_split_cpu()
+
+from cl_runner.backends.jax import algorithms, backbones, learner, optim  # noqa: E402,F401
+from cl_runner.errors import ConfigError  # noqa: E402
+from cl_runner.registry import ALGORITHMS  # noqa: E402
 
 NAME = "jax"
 
@@ -57,6 +81,21 @@ def resolve_device(name: str) -> JaxDevice:
             raise ConfigError(f"device={name} was asked for but JAX sees only {len(gpus)} GPU(s).")
         return JaxDevice(gpus[index])
     raise ConfigError(f"device '{name}' is not known to the jax backend; use auto, cpu, cuda or cuda:N.")
+
+
+def seed_devices(device: JaxDevice, n: int, cores: int | None = None) -> list[JaxDevice]:
+    """The device of each of ``n`` seeds trained together on ``device``: on the CPU the seeds are
+    spread in contiguous, balanced groups over the CPU devices, at most ``cores`` of them (the
+    run's share of the machine; None: the cores it may use) unless JAX_NUM_CPU_DEVICES chose their
+    number; one program per group, side by side. On an accelerator they all stay on it."""
+    if device.type != "cpu":
+        return [device] * n
+    from cl_runner.sweeps import usable_cores
+
+    cpus = _devices("cpu")
+    limit = len(cpus) if _cpu_count_chosen() and cores is None else (cores or usable_cores())
+    groups = max(1, min(n, len(cpus), limit))
+    return [JaxDevice(cpus[i * groups // n]) for i in range(n)]
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:

@@ -158,6 +158,8 @@ class JaxLearner(Learner):
     #: Steps per iteration of the compiled loop (``jax.lax.scan``'s ``unroll``). 2-4 run small
     #: models a few percent faster on CPU, at the price of a longer compilation.
     scan_unroll: int = 1
+    #: Converted training images shared between learners (see ``shared_input``); None: own.
+    shared_inputs: dict | None = None
     #: Parts every instance of this algorithm has (on top of ``algo.plugins``).
     part_classes: tuple[type[Part], ...] = ()
 
@@ -189,6 +191,12 @@ class JaxLearner(Learner):
         channels = len(stream.mean)
         self._mean = np.array(stream.mean if normalize else [0.0] * channels, np.float32).reshape(shape)
         self._std = np.array(stream.std if normalize else [1.0] * channels, np.float32).reshape(shape)
+        # to_input's table: channel c's normalised value of each uint8 value, (C, 256).
+        table = np.tile(np.arange(256, dtype=np.float32), (channels, 1))
+        table *= np.float32(1.0 / 255.0)
+        table -= self._mean.reshape(channels, 1)
+        table /= self._std.reshape(channels, 1)
+        self._table = self.put(table)
         # Task-IL: mask_table[t] marks task t's output units.
         self.masks = stream.masks_logits
         table = np.zeros((stream.num_tasks, self.num_outputs()), dtype=bool)
@@ -227,7 +235,13 @@ class JaxLearner(Learner):
         The arithmetic (x * (1/255) - mean) / std is done in float32 in the same order as on the
         PyTorch backend, so both backends see bit-identical inputs.
         """
-        x = np.asarray(x).astype(np.float32)
+        x = np.asarray(x)
+        if x.dtype == np.uint8 and x.ndim == 4 and x.shape[1] == self._table.shape[0]:
+            # On the device, as a lookup of each channel's 256 values computed below: the
+            # same float32 numbers, several times faster than NumPy's four passes (which on
+            # some virtual machines also pay slow huge-page faults for every new array).
+            return _lookup(self.put(x), self._table)
+        x = x.astype(np.float32)
         x *= np.float32(1.0 / 255.0)
         x -= self._mean
         x /= self._std
@@ -236,6 +250,21 @@ class JaxLearner(Learner):
     def train_arrays(self, task) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The (x, y, task id) arrays to train on for ``task``; joint training overrides this."""
         return task.train_x, task.train_y, np.full(len(task.train_y), task.id, dtype=np.int64)
+
+    def shared_input(self, x: np.ndarray) -> jax.Array:
+        """``to_input(x)``, reused from ``shared_inputs`` (a dict that several learners hold;
+        jax/seeds.py) when another learner on this device already converted this very array: the
+        seeds of one stream then keep one copy of a task's images."""
+        cache = self.shared_inputs
+        if cache is None:
+            return self.to_input(x)
+        hit = cache.get(self.jax_device)
+        if hit is not None and hit[0] is x:
+            return hit[1]
+        cache[self.jax_device] = None  # free the previous task's copy first
+        value = self.to_input(x)
+        cache[self.jax_device] = (x, value)  # x kept alive: a later array cannot take its id
+        return value
 
     def test_arrays(self, task) -> tuple[jax.Array, jax.Array]:
         """Test images as (batches, eval_batch_size, C, H, W) and labels as (batches,
@@ -260,7 +289,7 @@ class JaxLearner(Learner):
             refresh_tables(self, self._head.table(task.id))
         self.opt_state = set_lr(self.opt_state, task_lr(self.cfg.optimizer, task.id))
         x, y, tid = self.train_arrays(task)
-        self.train_x = self.to_input(x)
+        self.train_x = self.shared_input(x)
         self.train_y = self.put(np.asarray(y).astype(np.int32))
         self.train_t = self.put(np.asarray(tid).astype(np.int32)) if self.masks else None
         for p in self.parts:
@@ -365,11 +394,11 @@ class JaxLearner(Learner):
             part_states = tuple(part_states)
         return (new_params, opt_state, part_states, key), loss
 
-    def _epoch_program(self, carry, x, y, t, mask_table):
-        """One epoch: shuffle with the carried key, then scan over the batches."""
-        self.trace_counts["epoch"] += 1
+    def _epoch_batches(self, carry, n: int):
+        """An epoch's shuffle with the carried key: (carry with the key advanced, (batches
+        (num_batches, batch_size) int32, weights (same shape) or None))."""
         params, opt_state, part_states, key = carry
-        n, bs = y.shape[0], self.batch_size
+        bs = self.batch_size
         num_batches = -(-n // bs)
         pad = num_batches * bs - n
         key, perm_key = jax.random.split(key)
@@ -378,15 +407,33 @@ class JaxLearner(Learner):
         if pad:  # the last batch: its real samples, then copies of sample perm[0] of weight 0
             batches = jnp.concatenate([perm, jnp.zeros(pad, jnp.int32)]).reshape(num_batches, bs)
             weights = jnp.concatenate([jnp.ones(n, jnp.float32), jnp.zeros(pad, jnp.float32)])
-            xs = (batches, weights.reshape(num_batches, bs))
-        else:
-            xs = (perm.reshape(num_batches, bs), None)
+            return carry, (batches, weights.reshape(num_batches, bs))
+        return carry, (perm.reshape(num_batches, bs), None)
+
+    def _epoch_program(self, carry, x, y, t, mask_table):
+        """One epoch: shuffle with the carried key, then scan over the batches."""
+        self.trace_counts["epoch"] += 1
+        carry, xs = self._epoch_batches(carry, y.shape[0])
 
         def step(c, batch_and_weights):
             batch, weights = batch_and_weights
             return self.train_step(c, batch, weights, x, y, t, mask_table)
 
         return jax.lax.scan(step, carry, xs, unroll=self.scan_unroll)
+
+    def _seeds_epoch_program(self, carries, data):
+        """One epoch of several seeds in one scan, each step taking every seed's step in turn
+        (jax/seeds.py's unrolled program): ``carries`` and ``data`` are per-seed lists of the
+        ``_epoch_program`` arguments; returns (new carries, losses (num_batches, seeds))."""
+        self.trace_counts["epoch"] += 1
+        carries, xs = zip(*(self._epoch_batches(c, d[1].shape[0]) for c, d in zip(carries, data)))
+
+        def step(cs, batches):
+            out = [self.train_step(c, batch, weights, *d)
+                   for c, (batch, weights), d in zip(cs, batches, data)]
+            return tuple(o[0] for o in out), jnp.stack([o[1] for o in out], axis=-1)
+
+        return jax.lax.scan(step, tuple(carries), tuple(xs), unroll=self.scan_unroll)
 
     def train_epoch(self, task, epoch: int) -> dict:
         n = int(self.train_y.shape[0])
@@ -400,7 +447,7 @@ class JaxLearner(Learner):
     def epoch_inputs(self) -> tuple:
         """The arguments of the epoch program: (carry, x, y, task ids, mask table), where carry
         is (params, optimizer state, the parts' states, PRNG key). jax/seeds.py stacks these
-        over seeds to run one vmapped program for all of them."""
+        over seeds to run one program for all of them."""
         carry = (self.params, self.opt_state, tuple(p.state for p in self.parts), self.key)
         return carry, self.train_x, self.train_y, self.train_t, self.mask_table
 
@@ -510,6 +557,13 @@ class JaxLearner(Learner):
 
     def num_parameters(self) -> int:
         return int(sum(np.prod(a.shape) for a in jax.tree_util.tree_leaves(self.params)))
+
+
+@jax.jit
+def _lookup(x, table):
+    """uint8 images (N, C, ...) -> float32 ``table[c, x]`` for each pixel of channel c."""
+    channel = jnp.arange(table.shape[0]).reshape(1, -1, *([1] * (x.ndim - 2)))
+    return table[channel, x.astype(jnp.int32)]
 
 
 class BatchStats(Part):
