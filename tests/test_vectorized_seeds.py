@@ -291,7 +291,7 @@ def test_seeds_spread_over_cpu_devices_match_each_seed_alone(tiny_data_dir, tmp_
     devices holding a shared stream's images once each (Rotated MNIST) or each seed's own
     (Permuted MNIST); every seed's run is still the run it has alone (here, on one device)."""
     run_dir = tmp_path / "run"
-    args = [f"backend=jax", f"algo={algo}", f"benchmark={bench}", "benchmark.num_tasks=2", "seeds=[0,1,2]",
+    args = ["backend=jax", f"algo={algo}", f"benchmark={bench}", "benchmark.num_tasks=2", "seeds=[0,1,2]",
             "training.epochs_per_task=2", f"data_dir={tiny_data_dir}", "benchmark.batch_size=32",
             "benchmark.eval_batch_size=200", "backbone.width=32", "progress=false", "loggers=[console]",
             f"hydra.run.dir={run_dir}"]
