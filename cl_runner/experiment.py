@@ -317,11 +317,11 @@ def _run_vectorized(typed, seeds, seed_configs, out: Path, err_console: Console,
                                    eval_task_il=typed_s.training.eval_task_il))
         runs.append((typed_s, run_out, loggers, cbs, config, data_time))
     group = SeedGroup(loops, note=lambda m: err_console.print(m, highlight=False))
-    how = "one vmapped program" if group.program == "vmap" else "one program"
+    how = "one vmapped program per epoch" if group.program == "vmap" else "one program per epoch"
     if len(group.cohorts) > 1:
         parts = " | ".join(",".join(str(seeds[i]) for i in members) for members in group.cohorts)
         how += f" on each of {len(group.cohorts)} CPU devices, side by side: seeds {parts}"
-    err_console.print(f"{len(seeds)} seeds {seeds} trained together ({how} per epoch)", highlight=False)
+    err_console.print(f"{len(seeds)} seeds {seeds} trained together ({how})", highlight=False)
     try:
         with _sigterm_as_interrupt():
             states = group.run()
