@@ -34,6 +34,10 @@ def _pin_parallel_worker() -> None:
 
 
 _pin_parallel_worker()
+# One JAX CPU device in every test process and the clrun processes the tests start, however the
+# tests are run (the JAX backend otherwise makes one per usable core): the tests that count
+# compilations or compare seeds trained together assume it. The multi-device test sets its own.
+os.environ.setdefault("JAX_NUM_CPU_DEVICES", "1")
 SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
 
 

@@ -306,13 +306,15 @@ def test_seeds_spread_over_cpu_devices_match_each_seed_alone(tiny_data_dir, tmp_
         assert_same_run(alone, read_results(run_dir / f"seed={s}"))
 
 
-def test_seed_devices_are_balanced_contiguous_groups():
-    devices = jax_backend.seed_devices(CPU, 5, cores=1)
-    assert devices == [CPU] * 5  # one core: one program
-    cpus = jax.devices("cpu")
-    if len(cpus) >= 2:
-        ids = [d.jax.id for d in jax_backend.seed_devices(CPU, 5, cores=2)]
-        assert ids == [cpus[0].id] * 3 + [cpus[1].id] * 2
+def test_seed_devices_are_balanced_contiguous_groups(monkeypatch):
+    assert jax_backend.seed_devices(CPU, 5, cores=1) == [CPU] * 5  # one core: one program
+    fake = [jax.devices("cpu")[0]] + [f"cpu{i}" for i in range(1, 4)]  # four CPU devices
+    monkeypatch.setattr(jax_backend, "_devices", lambda platform: fake)
+    names = [d.jax if isinstance(d.jax, str) else "cpu0" for d in jax_backend.seed_devices(CPU, 5, cores=2)]
+    assert names == ["cpu0"] * 3 + ["cpu1"] * 2  # 5 seeds on 2 cores: 0,1,2 | 3,4
+    names = [d.jax if isinstance(d.jax, str) else "cpu0" for d in jax_backend.seed_devices(CPU, 7, cores=3)]
+    assert names == ["cpu0"] * 3 + ["cpu1"] * 2 + ["cpu2"] * 2
+    assert len({d.jax for d in jax_backend.seed_devices(CPU, 2, cores=8)}) == 2  # never more groups than seeds
 
 
 # -- validation ------------------------------------------------------------------------------------
