@@ -290,7 +290,7 @@ def _run_vectorized(typed, seeds, seed_configs, out: Path, err_console: Console,
     backend.seed_everything(seeds[0], typed.backend.deterministic)
     streams: dict[str, object] = {}
     runs, loops = [], []
-    devices = backend.seed_devices(device, len(seeds), cpu_count)
+    devices = None
     for i, (s, c) in enumerate(zip(seeds, seed_configs)):
         typed_s, _ = validate_config(c)
         key = cache_key(typed_s.benchmark, s)
@@ -301,6 +301,11 @@ def _run_vectorized(typed, seeds, seed_configs, out: Path, err_console: Console,
                               highlight=False)
         stream = streams[key]
         data_time = time.perf_counter() - t0
+        if devices is None:  # long runs, or a chosen device count: seeds spread over the CPU devices
+            bs = max(1, typed_s.benchmark.batch_size)
+            steps = typed_s.training.epochs_per_task * sum(-(-t.num_train // bs) for t in stream.tasks)
+            devices = (backend.seed_devices(device, len(seeds), cpu_count) if steps >= SeedGroup.long_run_steps
+                       or backend.cpu_devices_chosen() else [device] * len(seeds))
         learner = backend.build_learner(typed_s, stream, devices[i], s)
         if device.type == "cpu" and hasattr(learner, "set_threads"):
             learner.set_threads(train_threads, eval_threads)

@@ -89,12 +89,13 @@ def test_vectorized_seeds_match_each_seed_alone(tiny_data_dir, tmp_path, algo, b
 
 @pytest.mark.parametrize("algo", ["si", "mas", "er", "der", "agem", "gem"])
 def test_more_algorithms_vectorized_match_each_seed_alone(tiny_data_dir, tmp_path, algo):
-    """The other methods whose seeds share one program, with the CPU's default (each step takes
+    """The other methods whose seeds share one program, unrolled as on a CPU (each step takes
     every seed's step in turn): SI's path integral, MAS's importance, the replay memories with
     their counters and keys, A-GEM's projection and GEM's quadratic program (a host callback under
     a traced condition) give each seed the run it has alone."""
     out = tmp_path / "together"
-    run = functools.partial(tiny_run, tiny_data_dir, algo, num_tasks=2, epochs=1)
+    run = functools.partial(tiny_run, tiny_data_dir, algo, num_tasks=2, epochs=1,
+                            backend_extra={"seed_program": "unroll"})
     agg = run_experiment({**run(), "seeds": [0, 1]}, out, console=quiet())
     assert agg["vectorized"] is True and agg["compilations"]["epoch"] == 1
     for s in (0, 1):
@@ -102,11 +103,13 @@ def test_more_algorithms_vectorized_match_each_seed_alone(tiny_data_dir, tmp_pat
         assert_same_run(alone, read_results(out / f"seed={s}"))
 
 
-def test_seed_program_choice_and_bad_values():
+def test_seed_program_choice_and_bad_values(monkeypatch):
     cfg = validate_config({"backend": {"name": "jax"}, "backbone": {"width": 8}, "benchmark": {"batch_size": 8}})[0]
     stream = synthetic_stream(0)
     loops = [ContinualLoop(JaxLearner(cfg, stream, CPU, s), stream) for s in (0, 1)]
-    assert SeedGroup(loops).program == "unroll"  # auto, on the CPU
+    assert SeedGroup(loops).program == "vmap"  # auto, a short run (3 tasks x 6 steps)
+    monkeypatch.setattr(SeedGroup, "long_run_steps", 18)
+    assert SeedGroup(loops).program == "unroll"  # auto, on the CPU, a run this long
     cfg.backend.seed_program = "vmap"
     assert SeedGroup(loops).program == "vmap"
 
@@ -292,7 +295,7 @@ def test_seeds_spread_over_cpu_devices_match_each_seed_alone(tiny_data_dir, tmp_
     (Permuted MNIST); every seed's run is still the run it has alone (here, on one device)."""
     run_dir = tmp_path / "run"
     args = ["backend=jax", f"algo={algo}", f"benchmark={bench}", "benchmark.num_tasks=2", "seeds=[0,1,2]",
-            "training.epochs_per_task=2", f"data_dir={tiny_data_dir}", "benchmark.batch_size=32",
+            "training.epochs_per_task=2", "backend.seed_program=unroll", f"data_dir={tiny_data_dir}", "benchmark.batch_size=32",
             "benchmark.eval_batch_size=200", "backbone.width=32", "progress=false", "loggers=[console]",
             f"hydra.run.dir={run_dir}"]
     proc = run_clrun(args, cwd=tmp_path, env={"JAX_NUM_CPU_DEVICES": "2"})

@@ -126,7 +126,8 @@ class BackendConfig:
     # torch: ask for deterministic kernels (CPU runs are deterministic either way).
     deterministic: bool = False
     # jax with seeds=[...]: how the seeds share one program. vmap: batched arithmetic (GPUs);
-    # unroll: each step takes every seed's step in turn (faster on CPUs); auto: unroll on a CPU.
+    # unroll: each step takes every seed's step in turn (faster on CPUs, slower to compile);
+    # auto: unroll on a CPU for runs of 10,000 steps or more, else vmap.
     seed_program: str = "auto"
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import jax
 
 
-def _cpu_count_chosen() -> bool:
+def cpu_devices_chosen() -> bool:
     """Whether the environment sets the number of JAX CPU devices."""
     return "JAX_NUM_CPU_DEVICES" in os.environ or \
         "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
@@ -20,7 +20,7 @@ def _split_cpu() -> None:
     program per device, side by side (jax/seeds.py); a single run uses the first device, whose
     math library still uses every core. Only possible before JAX's first computation in this
     process, and left alone when JAX_NUM_CPU_DEVICES or XLA's host device count is set."""
-    if _cpu_count_chosen():
+    if cpu_devices_chosen():
         return
     from cl_runner.sweeps import usable_cores
 
@@ -93,7 +93,7 @@ def seed_devices(device: JaxDevice, n: int, cores: int | None = None) -> list[Ja
     from cl_runner.sweeps import usable_cores
 
     cpus = _devices("cpu")
-    limit = len(cpus) if _cpu_count_chosen() and cores is None else (cores or usable_cores())
+    limit = len(cpus) if cpu_devices_chosen() and cores is None else (cores or usable_cores())
     groups = max(1, min(n, len(cpus), limit))
     return [JaxDevice(cpus[i * groups // n]) for i in range(n)]
 
