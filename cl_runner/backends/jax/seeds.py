@@ -51,6 +51,12 @@ def vectorization_blocker(learner_cls, part_classes=()) -> str | None:
     return None
 
 
+def training_steps(stream, batch_size: int, epochs: int) -> int:
+    """Training steps of one seed's run: every task's batches, every epoch."""
+    bs = max(1, int(batch_size))
+    return int(epochs) * sum(-(-t.num_train // bs) for t in stream.tasks)
+
+
 def stack(trees):
     """One pytree whose leaves are the per-seed leaves stacked on a new leading axis."""
     return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *trees)
@@ -117,8 +123,7 @@ class SeedGroup:
         if type(self.lead)._epoch_program is not JaxLearner._epoch_program:
             return "vmap"
         if setting == "auto":
-            loop, bs = self.loops[0], max(1, self.lead.batch_size)
-            steps = getattr(loop, "epochs_per_task", 1) * sum(-(-t.num_train // bs) for t in self.lead.stream.tasks)
+            steps = training_steps(self.lead.stream, self.lead.batch_size, self.loops[0].epochs_per_task)
             long_run = steps >= self.long_run_steps
             return "unroll" if self.lead.jax_device.platform == "cpu" and long_run else "vmap"
         return setting
