@@ -23,11 +23,20 @@ Rows (JAX backend, CPU):
                 running them in turn.
                 With --quick the rows are naive's only (--algos naive,ewc adds EWC's); with
                 --algos ewc the seeds row is EWC x5 against the jax ewc row's one seed.
+Rows on a GPU (--cases gpu; in the default run where PyTorch or JAX sees a GPU, JAX through
+jax[cuda12]), each device=cuda:
+  gpu torch ALGO : clrun algo=ALGO vs the hand-written eager loop on the GPU (target: the full
+                   reference with EWC in at most 30 s)
+  gpu jax ALGO   : clrun backend=jax algo=ALGO vs the hand-written jit + lax.scan loop on the GPU
+                   (target: at most 10 s)
+  gpu jax x10 seeds: ten seeds trained together (one vmapped program) vs the gpu jax row's one
+                   seed (target: at most 2x)
 Data rows: building the 20 rotated tasks from the IDX files, and loading them from the cache.
 
     python scripts/bench.py --data-dir ../shared/data            # full reference (~50 min)
     python scripts/bench.py --data-dir ../shared/data --quick    # 3 tasks x 10k, naive rows (< 1 min)
     python scripts/bench.py --algorithms                         # steps/s of every algorithm vs naive
+    python scripts/bench.py --data-dir ../shared/data --cases gpu --algos ewc   # the GPU rows only
 
 ``--algorithms``: every algorithm on both backends (``--backends torch`` for one) on a short
 Rotated MNIST stream (3 tasks x 2,000 images, MLP 2x256, batch 10; each algorithm's defaults),
@@ -38,6 +47,7 @@ Fisher or a memory update is counted in the training time).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -61,12 +71,12 @@ from cl_runner.config import validate_config  # noqa: E402
 from cl_runner.experiment import choose_threads, run_experiment  # noqa: E402
 
 
-def reference_config(args, algo: str, backend: str = "torch") -> dict:
+def reference_config(args, algo: str, backend: str = "torch", device: str = "cpu") -> dict:
     bench = {"name": "rotatedmnist", "num_tasks": args.tasks, "per_task_rotation": 9,
              "batch_size": 10, "eval_batch_size": 1000, "subset": args.subset}
     return {
-        "seed": 0, "data_dir": args.data_dir, "cache_dir": args.cache_dir, "progress": False,
-        "benchmark": bench,
+        "seed": 0, "device": device, "data_dir": args.data_dir, "cache_dir": args.cache_dir,
+        "progress": False, "benchmark": bench,
         "backbone": {"type": "mlp", "n_hidden_layers": 2, "width": 256, "dropout": 0.2},
         "optimizer": {"type": "sgd", "lr": 0.01, "momentum": 0.8},
         "algo": {"name": algo},
@@ -75,11 +85,11 @@ def reference_config(args, algo: str, backend: str = "torch") -> dict:
     }
 
 
-def time_clrun(args, algo: str, backend: str = "torch", **extra) -> tuple[float, dict]:
+def time_clrun(args, algo: str, backend: str = "torch", device: str = "cpu", **extra) -> tuple[float, dict]:
     out = tempfile.mkdtemp(prefix=f"bench-{algo}-")
     from rich.console import Console
 
-    cfg = {**reference_config(args, algo, backend), **extra}
+    cfg = {**reference_config(args, algo, backend, device), **extra}
     # Time the training and evaluation, not the files: the hand-written loops write none.
     cfg["loggers"], cfg["checkpoint"] = [], False
     t0 = time.perf_counter()
@@ -89,22 +99,24 @@ def time_clrun(args, algo: str, backend: str = "torch", **extra) -> tuple[float,
     return elapsed, results
 
 
-def hand_written(args, ewc: bool) -> tuple[float, float]:
+def hand_written(args, ewc: bool, device: str = "cpu") -> tuple[float, float]:
     """The minimal loop a person would write: same stream, model, optimizer, steps, evals."""
     cfg, _ = validate_config(reference_config(args, "naive"))
     train_threads, eval_threads = choose_threads("auto", cfg.backbone, 10)
+    if device != "cpu":
+        train_threads = eval_threads = torch.get_num_threads()
     torch.manual_seed(0)
     t0 = time.perf_counter()
     stream = build_stream(cfg.benchmark, 0, args.data_dir, args.cache_dir)
     mean, std = stream.mean[0], stream.std[0]
 
-    def prep(x):
-        return (torch.from_numpy(np.array(x)).float().div_(255).sub_(mean).div_(std))  # a copy: x may be a read-only map
+    def prep(x):  # a copy: x may be a read-only map
+        return torch.from_numpy(np.array(x)).to(device).float().div_(255).sub_(mean).div_(std)
 
     model = nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Dropout(0.2),
-                          nn.Linear(256, 256), nn.ReLU(), nn.Dropout(0.2), nn.Linear(256, 10))
+                          nn.Linear(256, 256), nn.ReLU(), nn.Dropout(0.2), nn.Linear(256, 10)).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.8)
-    tests = [(prep(t.test_x), torch.from_numpy(np.array(t.test_y))) for t in stream.tasks]
+    tests = [(prep(t.test_x), torch.from_numpy(np.array(t.test_y)).to(device)) for t in stream.tasks]
     # EWC's penalty sum_k F_k (theta - theta*_k)^2 / 2 as one autograd term from the running sums
     # sum_k F_k and sum_k F_k theta*_k (the constant sum_k F_k theta*_k^2 has no gradient): the
     # same steps as a term per past task, at the cost of one.
@@ -112,8 +124,8 @@ def hand_written(args, ewc: bool) -> tuple[float, float]:
     gen = torch.Generator().manual_seed(0)
     for task in stream.tasks:
         torch.set_num_threads(train_threads)
-        x, y = prep(task.train_x), torch.from_numpy(np.array(task.train_y))
-        perm = torch.randperm(len(y), generator=gen)
+        x, y = prep(task.train_x), torch.from_numpy(np.array(task.train_y)).to(device)
+        perm = torch.randperm(len(y), generator=gen).to(device)
         x, y = x[perm], y[perm]
         model.train()
         for lo in range(0, len(y), 10):
@@ -156,9 +168,16 @@ def hand_written(args, ewc: bool) -> tuple[float, float]:
     return elapsed, 100.0 * correct / len(ty)
 
 
-def jax_hand_written(args, ewc: bool) -> tuple[float, float]:
+def jax_hand_written(args, ewc: bool, device: str = "cpu") -> tuple[float, float]:
     """The minimal JAX loop a person would write: each epoch one jit + lax.scan over the batch
     indices of device-resident arrays, evaluation one jitted program per task."""
+    import jax
+
+    with jax.default_device(jax.devices("gpu" if device == "cuda" else "cpu")[0]):
+        return _jax_hand_written(args, ewc)
+
+
+def _jax_hand_written(args, ewc: bool) -> tuple[float, float]:
     import jax
     import jax.numpy as jnp
     import optax
@@ -283,6 +302,17 @@ def algorithm_speeds(args) -> list[dict]:
     return out
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else what the platform module says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def time_data(args) -> tuple[float, float, str]:
     """(seconds to build the reference stream and write it to an empty cache, seconds to load it
     from that cache, that cache's folder)."""
@@ -312,8 +342,9 @@ def main() -> None:
     ap.add_argument("--algos", default=None,
                     help="algorithms of the torch and jax rows, among naive, ewc (default: naive,ewc; "
                          "with --quick naive only)")
-    ap.add_argument("--cases", default="torch,jax,seeds",
-                    help="which rows to run, comma-separated among torch, jax, seeds (default: all)")
+    ap.add_argument("--cases", default=None,
+                    help="which rows to run, comma-separated among torch, jax, seeds, gpu (default: all; "
+                         "gpu where a GPU is seen)")
     args = ap.parse_args()
     if args.algorithms:
         args.cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="bench-streams-")
@@ -329,6 +360,8 @@ def main() -> None:
             Path(args.json).write_text(json.dumps(rows, indent=2))
         return
     args.tasks, args.subset = (3, 10000) if args.quick else (20, None)
+    if args.cases is None:
+        args.cases = "torch,jax,seeds" + (",gpu" if gpus() else "")
     build_s, load_s, data_cache = time_data(args)
     if args.cache_dir is None:  # the timed runs read the stream just built
         args.cache_dir = data_cache
@@ -341,11 +374,63 @@ def main() -> None:
         shutil.rmtree(data_cache, ignore_errors=True)
 
 
+def seeds_row(args, algo: str, n: int, device: str, one_s: float, res_one: dict, prefix: str) -> tuple:
+    """The row of ``n`` seeds trained together against one seed (``one_s`` seconds)."""
+    many, res = time_clrun(args, algo, "jax", device, seeds=list(range(n)))
+    # Steps per seed as in the other rows; steps/s counts all seeds' steps.
+    res = {**res, "steps": res_one["steps"], "steps_per_s": n * res_one["steps"] / many}
+    name = f"{prefix} x{n} seeds" if algo == "naive" else f"{prefix} {algo} x{n} seeds"
+    return name, many, one_s, res
+
+
+@functools.lru_cache(maxsize=None)
+def gpus() -> dict[str, str]:
+    """The GPU each backend sees here, by backend ({} without one)."""
+    found = {}
+    if torch.cuda.is_available():
+        found["torch"] = torch.cuda.get_device_name(0)
+    try:
+        from cl_runner import catalog
+
+        catalog.load_backend("jax")  # first: it chooses the CPU devices before JAX starts
+        import jax
+
+        found["jax"] = jax.devices("gpu")[0].device_kind
+    except Exception:  # no jax, or no GPU backend in it
+        pass
+    return found
+
+
+#: The issue's GPU targets: end to end seconds of the reference experiment, and seeds x10 / x1.
+GPU_TARGETS = {"torch": 30.0, "jax": 10.0, "seeds": 2.0}
+
+
+def gpu_rows(args, algos: list[str], seeds_algo: str) -> list[tuple]:
+    """On the GPU: clrun against the hand-written loops, and ten seeds together against one."""
+    found = gpus()
+    rows = []
+    for backend in ("torch", "jax"):
+        if backend not in found:
+            print(f"(gpu rows: {backend} sees no GPU here, its rows are left out)")
+            continue
+        for algo in algos:
+            base, _ = (hand_written if backend == "torch" else jax_hand_written)(args, algo == "ewc", "cuda")
+            ours, res = time_clrun(args, algo, backend, "cuda")
+            rows.append((f"gpu {backend} {algo}", ours, base, res))
+            if backend == "jax" and algo == seeds_algo:
+                one = (ours, res)
+        if backend == "jax":
+            rows.append(seeds_row(args, seeds_algo, 10, "cuda", *one, "gpu jax"))
+    return rows
+
+
 def run_rows(ap, args, build_s: float, load_s: float) -> None:
     cases = {c.strip() for c in args.cases.split(",") if c.strip()}
-    unknown = cases - {"torch", "jax", "seeds"}
+    unknown = cases - {"torch", "jax", "seeds", "gpu"}
     if unknown:
-        ap.error(f"--cases: unknown {sorted(unknown)}; choose among torch, jax, seeds")
+        ap.error(f"--cases: unknown {sorted(unknown)}; choose among torch, jax, seeds, gpu")
+    if "gpu" in cases and not gpus():
+        ap.error("--cases gpu: neither PyTorch nor JAX sees a GPU here (JAX needs jax[cuda12])")
     algos = [a.strip() for a in (args.algos or ("naive" if args.quick else "naive,ewc")).split(",") if a.strip()]
     if not algos or set(algos) - {"naive", "ewc"}:
         ap.error(f"--algos: choose among naive, ewc (got {args.algos})")
@@ -366,16 +451,15 @@ def run_rows(ap, args, build_s: float, load_s: float) -> None:
             rows.append((f"jax {algo}", *one_seed[algo][:1], base, one_seed[algo][1]))
     if "seeds" in cases:
         one_s, res_one = one_seed[seeds_algo]
-        five_seeds, res_five = time_clrun(args, seeds_algo, "jax", seeds=[0, 1, 2, 3, 4])
-        # Steps per seed as in the other rows; steps/s counts all seeds' steps.
-        res_five = {**res_five, "steps": res_one["steps"], "steps_per_s": 5 * res_one["steps"] / five_seeds}
-        rows.append((f"jax {seeds_algo} x5 seeds" if seeds_algo != "naive" else "jax x5 seeds",
-                     five_seeds, one_s, res_five))
+        rows.append(seeds_row(args, seeds_algo, 5, "cpu", one_s, res_one, "jax"))
+    if "gpu" in cases:
+        rows += gpu_rows(args, algos, seeds_algo)
 
     steps = rows[0][3]["steps"] if rows else 0
     print(f"\nreference: rotatedmnist {args.tasks} tasks x {args.subset or 60000} samples, "
           f"{steps} steps, batch 10, MLP 2x256; {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, torch {torch.__version__}")
+          f"{os.cpu_count()} cores ({cpu_model()}), torch {torch.__version__}"
+          + "".join(f"; {b} GPU: {name}" for b, name in gpus().items() if "gpu" in cases))
     print(f"{'case':<18} {'clrun s':>9} {'baseline s':>11} {'ratio':>7} {'steps/s':>9} {'avg acc':>8}")
     table = []
     for name, ours, base, res in rows:
@@ -383,9 +467,12 @@ def run_rows(ap, args, build_s: float, load_s: float) -> None:
               f"{res['avg_acc']:>8.2f}")
         table.append({"case": name, "clrun_s": ours, "baseline_s": base, "ratio": ours / base,
                       "steps_per_s": res["steps_per_s"], "avg_acc": res["avg_acc"]})
-    if any(row["case"].endswith("x5 seeds") for row in table):
-        print("(x5 seeds: 'clrun s' is the five seeds trained together, 'baseline s' one seed alone, "
+    if any(row["case"].endswith(" seeds") for row in table):
+        print("(xN seeds: 'clrun s' is the N seeds trained together, 'baseline s' one seed alone, "
               "steps/s counts every seed's steps, avg acc is the mean over the seeds)")
+    if any(row["case"].startswith("gpu ") for row in table):
+        print(f"(gpu targets: torch at most {GPU_TARGETS['torch']:.0f} s and jax at most {GPU_TARGETS['jax']:.0f} s "
+              f"end to end for the full reference; x10 seeds at most {GPU_TARGETS['seeds']:.0f}x one seed)")
     print(f"{'data build':<18} {build_s:>9.1f}")
     print(f"{'data cached':<18} {load_s:>9.1f}")
     if args.json:

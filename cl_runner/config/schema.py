@@ -123,6 +123,10 @@ class BackendConfig:
     # C file compiled once into the cache (backends/torch/native.py); the same float32 operations
     # as PyTorch's kernels. Used where a C compiler is found; false: PyTorch's kernels.
     native_update: bool = True
+    # torch on a CUDA GPU: runs of 64 training steps recorded once per epoch as a CUDA graph and
+    # replayed (backends/torch/graphs.py), where the step allows it (the fused MLP step, plain
+    # SGD, EWC's or MAS's penalty); no effect on a CPU. false: every step launched from Python.
+    cuda_graphs: bool = True
     # torch: ask for deterministic kernels (CPU runs are deterministic either way).
     deterministic: bool = False
     # jax with seeds=[...]: how the seeds share one program. vmap: batched arithmetic (GPUs);

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from cl_runner.backends.torch.augment import build_augment
 from cl_runner.backends.torch.backbones import build_backbone
 from cl_runner.backends.torch.fused import FusedMLPStep, sgd_step, sgd_step_possible
+from cl_runner.backends.torch.graphs import StepGraph, graph_refusal
 from cl_runner.backends.torch.heads import add_missing_params, grow_head, release_unused_head_grads
 from cl_runner.backends.torch.native import NativeSGD
 from cl_runner.backends.torch.optim import build_optimizer, set_lr, task_lr
@@ -259,29 +260,43 @@ class TorchLearner(Learner):
         start = last = time.perf_counter()
         checked = 0
         base_step = loop.state.global_step if loop is not None else 0
-        for b in range(num_batches):
-            lo = b * bs
-            hi = lo + bs
-            if step_cbs:
-                for cb in step_cbs:
-                    cb.on_before_step(loop, base_step + b)
-            xb = xs.index_select(0, perm[lo:hi])
-            if self.augment is not None:
-                xb = self.augment(xb)
-            loss = self.train_step(xb, ys[lo:hi], ts[lo:hi] if ts is not None else None)
-            losses[b] = loss
-            if step_cbs:
-                for cb in step_cbs:
-                    cb.on_after_step(loop, base_step + b, loss)
-            if (self.progress_every and (b + 1) % self.progress_every == 0) or \
-                    (not self.progress_every and (b & 63) == 63 and time.perf_counter() - last > 0.25):
+        # On a CUDA GPU, runs of whole batches are replayed from a recording (graphs.py).
+        graph = self._step_graph(step_cbs)
+        chunk = graph.steps if graph is not None else 0
+        whole = n // bs if graph is not None else 0
+        every = self.progress_every
+        b = 0
+        while b < num_batches:
+            if b + chunk <= whole and chunk:
+                losses[b:b + chunk] = graph(perm[b * bs:(b + chunk) * bs])
+                b += chunk
+                report = (every and b // every != (b - chunk) // every) or \
+                    (not every and time.perf_counter() - last > 0.25)
+            else:
+                lo = b * bs
+                hi = lo + bs
+                if step_cbs:
+                    for cb in step_cbs:
+                        cb.on_before_step(loop, base_step + b)
+                xb = xs.index_select(0, perm[lo:hi])
+                if self.augment is not None:
+                    xb = self.augment(xb)
+                loss = self.train_step(xb, ys[lo:hi], ts[lo:hi] if ts is not None else None)
+                losses[b] = loss
+                if step_cbs:
+                    for cb in step_cbs:
+                        cb.on_after_step(loop, base_step + b, loss)
+                b += 1
+                report = (every and b % every == 0) or \
+                    (not every and (b & 63) == 0 and time.perf_counter() - last > 0.25)
+            if report:
                 last = time.perf_counter()
-                self._check_finite(losses, checked, b + 1, task, epoch, base_step)
-                window = losses[checked:b + 1]
-                checked = b + 1
+                self._check_finite(losses, checked, b, task, epoch, base_step)
+                window = losses[checked:b]
+                checked = b
                 if loop is not None:
-                    loop.progress(step=b + 1, steps=num_batches, loss=float(window.mean()),
-                                  steps_per_s=(b + 1) / (last - start))
+                    loop.progress(step=b, steps=num_batches, loss=float(window.mean()),
+                                  steps_per_s=b / (last - start))
         self._check_finite(losses, checked, num_batches, task, epoch, base_step)
         elapsed = time.perf_counter() - start
         if loop is not None:
@@ -291,6 +306,15 @@ class TorchLearner(Learner):
                           steps_per_s=num_batches / max(elapsed, 1e-9))
         return {"steps": num_batches, "loss": float(losses.mean()), "time_s": elapsed,
                 "steps_per_s": num_batches / max(elapsed, 1e-9)}
+
+    #: Training steps per CUDA-graph recording (graphs.py).
+    cuda_graph_steps = 64
+
+    def _step_graph(self, step_callbacks) -> StepGraph | None:
+        """The recording of this epoch's steps where the device and the step allow one."""
+        if graph_refusal(self, step_callbacks, self.device.type) is not None:
+            return None
+        return StepGraph(self, self.cuda_graph_steps, capture=self.device.type == "cuda")
 
     def _check_finite(self, losses, lo: int, hi: int, task, epoch: int, base_step: int) -> None:
         if not self.check_finite or hi <= lo:
