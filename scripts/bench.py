@@ -187,8 +187,8 @@ def _jax_hand_written(args, ewc: bool) -> tuple[float, float]:
     stream = build_stream(cfg.benchmark, 0, args.data_dir, args.cache_dir)
     mean, std = stream.mean[0], stream.std[0]
 
-    def prep(x):
-        return jnp.asarray((np.asarray(x, np.float32).reshape(len(x), -1) / 255.0 - mean) / std)
+    def prep(x):  # the uint8 images to the device, converted there
+        return (jnp.asarray(np.asarray(x)).reshape(len(x), -1).astype(jnp.float32) / 255.0 - mean) / std
 
     key = jax.random.PRNGKey(0)
     sizes = [784, 256, 256, 10]
