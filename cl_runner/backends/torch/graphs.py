@@ -54,7 +54,7 @@ def graph_refusal(learner, step_callbacks, device_type: str) -> str | None:
     if learner._step_parts:
         return "a part runs after every step"
     for part in learner._grad_parts:
-        if getattr(part.after_backward, "__func__", None) is not ImportanceRegularizer.after_backward:
+        if not ImportanceRegularizer.adds_only_the_penalty(part):
             return f"{type(part).__name__} adjusts the gradients in Python"
     head = getattr(learner.model, "head", None)
     if learner.train_t is not None and isinstance(head, GrowingHead) and head.kind == "multihead":

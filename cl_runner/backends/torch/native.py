@@ -124,7 +124,7 @@ class NativeSGD:
                 return None
             part = grad_parts[0]
             # exactly the shared penalty gradient (no subclass or instance replaces after_backward)
-            if getattr(part.after_backward, "__func__", None) is not ImportanceRegularizer.after_backward or \
+            if not ImportanceRegularizer.adds_only_the_penalty(part) or \
                     [id(p) for p in part.params] != [id(p) for p in params]:
                 return None
             penalty = part

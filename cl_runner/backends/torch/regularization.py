@@ -66,6 +66,13 @@ class ImportanceRegularizer(Part):
             self.omega_anchor_sq = torch.as_tensor(sum(float((o * a * a).sum()) for o, a in zip(omega, anchor)))
         self.num_snapshots += 1
 
+    @staticmethod
+    def adds_only_the_penalty(part) -> bool:
+        """Whether ``part``'s gradient hook is exactly the shared penalty gradient below (no
+        subclass or instance replaces ``after_backward``): device arithmetic only, which the native
+        update fuses and a CUDA graph can record."""
+        return getattr(part.after_backward, "__func__", None) is ImportanceRegularizer.after_backward
+
     @torch.no_grad()
     def after_backward(self) -> None:
         if self.num_snapshots == 0:
