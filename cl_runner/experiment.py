@@ -280,7 +280,7 @@ def _run_vectorized(typed, seeds, seed_configs, out: Path, err_console: Console,
                     t_start: float) -> tuple[list[dict], dict]:
     """All seeds on the jax backend as one compiled program per epoch and device (jax/seeds.py);
     (per-seed results, compilation counts). Seeds whose streams are the same share one stream."""
-    from cl_runner.backends.jax.seeds import SeedGroup, training_steps
+    from cl_runner.backends.jax.seeds import SeedGroup
     from cl_runner.benchmarks.builder import cache_key
 
     backend = load_backend("jax")
@@ -302,9 +302,9 @@ def _run_vectorized(typed, seeds, seed_configs, out: Path, err_console: Console,
         stream = streams[key]
         data_time = time.perf_counter() - t0
         if devices is None:  # long runs, or a chosen device count: seeds spread over the CPU devices
-            steps = training_steps(stream, typed_s.benchmark.batch_size, typed_s.training.epochs_per_task)
-            devices = (backend.seed_devices(device, len(seeds), cpu_count) if steps >= SeedGroup.long_run_steps
-                       or backend.cpu_devices_chosen() else [device] * len(seeds))
+            long_run = SeedGroup.long_run(stream, typed_s.benchmark.batch_size, typed_s.training.epochs_per_task)
+            devices = (backend.seed_devices(device, len(seeds), cpu_count)
+                       if long_run or backend.cpu_devices_chosen() else [device] * len(seeds))
         learner = backend.build_learner(typed_s, stream, devices[i], s)
         if device.type == "cpu" and hasattr(learner, "set_threads"):
             learner.set_threads(train_threads, eval_threads)

@@ -33,7 +33,7 @@ jax[cuda12]), each device=cuda:
                    seed (target: at most 2x)
 Data rows: building the 20 rotated tasks from the IDX files, and loading them from the cache.
 
-    python scripts/bench.py --data-dir ../shared/data            # full reference (~50 min)
+    python scripts/bench.py --data-dir ../shared/data            # full reference (10-50 min)
     python scripts/bench.py --data-dir ../shared/data --quick    # 3 tasks x 10k, naive rows (< 1 min)
     python scripts/bench.py --algorithms                         # steps/s of every algorithm vs naive
     python scripts/bench.py --data-dir ../shared/data --cases gpu --algos ewc   # the GPU rows only

@@ -20,6 +20,15 @@ compiles slower; ``auto`` (the default) unrolls on a CPU for runs of ``SeedGroup
 steps or more. Such runs on a CPU also spread the seeds over the CPU devices (one per core, see
 ``backends/jax/__init__.py``; also whenever JAX_NUM_CPU_DEVICES is set): each device's cohort of
 seeds is one program, and the cohorts run side by side.
+
+Seed 0's learner traces the program for all, so an algorithm's traced code (``_epoch_program``,
+``train_step``, the parts' ``extra_loss`` / ``adjust_grads`` / ``after_step``) must read what
+differs between seeds only from its arguments (the state), never from ``self`` -- the rule the
+learner already sets for what differs between tasks. An algorithm whose class (or part) sets
+``vectorize_seeds = False``, or that overrides ``train_epoch`` / ``evaluate`` without setting
+``vectorize_seeds = True``, runs its seeds one after another instead (see
+:func:`vectorization_blocker`); so does an epoch whose per-seed states cannot be stacked (different
+shapes), with a printed message.
 """
 
 from __future__ import annotations
@@ -110,6 +119,11 @@ class SeedGroup:
     #: 24.8 s against 34.8 s), so the short runs keep the older program.
     long_run_steps: int = 10_000
 
+    @classmethod
+    def long_run(cls, stream, batch_size: int, epochs: int) -> bool:
+        """Whether a seed's run has at least ``long_run_steps`` training steps."""
+        return training_steps(stream, batch_size, epochs) >= cls.long_run_steps
+
     def _choose_program(self, setting: str) -> str:
         """``backend.seed_program``: "vmap" batches the seeds' arithmetic (one batched matrix
         product per layer for all seeds; what accelerators run best); "unroll" takes every seed's
@@ -123,8 +137,7 @@ class SeedGroup:
         if type(self.lead)._epoch_program is not JaxLearner._epoch_program:
             return "vmap"
         if setting == "auto":
-            steps = training_steps(self.lead.stream, self.lead.batch_size, self.loops[0].epochs_per_task)
-            long_run = steps >= self.long_run_steps
+            long_run = self.long_run(self.lead.stream, self.lead.batch_size, self.loops[0].epochs_per_task)
             return "unroll" if self.lead.jax_device.platform == "cpu" and long_run else "vmap"
         return setting
 
