@@ -152,13 +152,15 @@ class ExemplarSets:
     (the paper's ReduceExemplarSet). A backend subclasses this with ``select`` (herding on its
     own arrays, or a random order from its own generator) and the generator's state."""
 
-    def __init__(self, capacity: int, policy: str = "herding"):
+    def __init__(self, capacity: int, policy: str = "herding", normalize: bool = True):
         if policy not in EXEMPLAR_POLICIES:
             raise ConfigError(f"exemplar policy '{policy}' is not one of {', '.join(EXEMPLAR_POLICIES)}.")
         if capacity <= 0:
             raise ConfigError(f"an exemplar memory needs a positive size, got {capacity}.")
         self.capacity = int(capacity)
         self.policy = policy
+        # Herding on L2-normalised features (the original iCaRL) or on the raw features.
+        self.normalize = bool(normalize)
         # class -> (images (k, C, H, W) uint8, task id), the images in priority order.
         self.sets: dict[int, tuple[np.ndarray, int]] = {}
 

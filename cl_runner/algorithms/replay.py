@@ -117,12 +117,21 @@ class GEMConfig(AlgoConfig):
     mem_per_task: int = 256
     # The paper's margin gamma: every dual variable is at least this (0.5 in the paper's runs).
     memory_strength: float = 0.5
+    # eps * I added to the QP's matrix G G^T at every solve (the reference's project2cone2,
+    # facebookresearch/GradientEpisodicMemory model/gem.py:70,84, and Mammoth's models/gem.py:71,85:
+    # 1e-3). 0: the exact dual (a ridge is then added only where G G^T is singular).
+    qp_eps: float = 1e-3
 
     @staticmethod
     def check(algo) -> None:
         _positive(algo, "mem_per_task")
         if algo.memory_strength < 0:
             raise ConfigError(f"config key 'algo.memory_strength' must be >= 0, got {algo.memory_strength}.")
+        if algo.qp_eps < 0:
+            raise ConfigError(f"config key 'algo.qp_eps' must be >= 0, got {algo.qp_eps}.")
+
+
+ICARL_REDUCTIONS = ("original", "mammoth")
 
 
 @register_algo("icarl", paper="Rebuffi et al. 2017, CVPR (iCaRL)", scenarios=("class_il", "task_il"),
@@ -134,6 +143,23 @@ class ICaRLConfig(AlgoConfig):
     mem_size: int = 2000
     # herding (the paper's) | random: how each class's exemplars are chosen.
     mem_policy: str = "herding"
+    # How the per-unit binary cross-entropies become one loss (always averaged over the batch):
+    # original: averaged over every output unit, the units of classes not seen yet included with
+    #   target 0 (srebuffi/iCaRL iCaRL-TheanoLasagne/main_cifar_100_theano.py:66-67 and
+    #   iCaRL-Tensorflow/main_resnet_tf.py:135; Mammoth's models/icarl.py since 2024 too);
+    # mammoth: averaged over the units of the classes seen so far (the previous tasks' and the
+    #   current task's), as Mammoth's models/icarl.py did for the DER paper (commit 5dc82be,
+    #   lines 90-102). The two differ by the factor (all units) / (seen units) on the gradient.
+    loss_reduction: str = "original"
+    # true: herding, the class means and the nearest-mean rule work on L2-normalised features
+    # (the original, main_cifar_100_theano.py:227,258,271 and utils_cifar100.py:188); false: on
+    # the raw features (Mammoth's models/icarl.py at the DER paper, commit 5dc82be, lines 50-54,
+    # 152, 192-207).
+    normalize_features: bool = True
+    # Class means averaged over the exemplars and their horizontal flips (the original,
+    # main_cifar_100_theano.py:259-270). null: when the training batches are flipped
+    # (benchmark.augment), as in the original, whose CIFAR training augmentation flips.
+    flip_means: Optional[bool] = None
 
     @staticmethod
     def check(algo) -> None:
@@ -141,6 +167,18 @@ class ICaRLConfig(AlgoConfig):
         if algo.mem_policy not in ("herding", "random"):
             raise ConfigError(f"config key 'algo.mem_policy': '{algo.mem_policy}' is not one of herding, "
                               f"random (iCaRL keeps ordered exemplar sets per class).")
+        if algo.loss_reduction not in ICARL_REDUCTIONS:
+            raise ConfigError(f"config key 'algo.loss_reduction': '{algo.loss_reduction}' is not one of "
+                              f"{', '.join(ICARL_REDUCTIONS)} (original: the mean over every output unit; "
+                              f"mammoth: the mean over the units of the classes seen so far).")
+
+
+def icarl_flip_means(cfg) -> bool:
+    """Whether iCaRL's class means average each exemplar with its horizontal flip:
+    ``algo.flip_means``, or when it is null whether the training batches are flipped
+    (``benchmark.augment``)."""
+    flip = cfg.algo.flip_means
+    return bool(getattr(cfg.benchmark, "augment", False)) if flip is None else bool(flip)
 
 
 @register_algo("gdumb", paper="Prabhu et al. 2020, ECCV (GDumb)",
@@ -186,20 +224,24 @@ def _solve_qp():
     return quadprog.solve_qp
 
 
-def gem_dual(gram: np.ndarray, dots: np.ndarray, margin: float) -> np.ndarray:
-    """v minimising 1/2 v^T P v + q^T v subject to v >= margin (P = ``gram``, q = ``dots``), in
-    float64 with quadprog.
+def gem_dual(gram: np.ndarray, dots: np.ndarray, margin: float, eps: float = 1e-3) -> np.ndarray:
+    """v minimising 1/2 v^T (P + eps I) v + q^T v subject to v >= margin (P = ``gram``, q =
+    ``dots``), in float64 with quadprog: the reference's project2cone2
+    (facebookresearch/GradientEpisodicMemory model/gem.py:83-88), which always adds eps = 1e-3.
 
-    quadprog needs P positive definite; past-task gradients are linearly independent in practice,
-    and when they are not, a ridge growing from 1e-10 of P's mean diagonal is added until the
-    factorisation succeeds (it loosens each constraint by ridge * v_k). Both backends call this."""
+    With eps > 0 the problem is strictly convex and the projected g~ = g + G^T v meets each
+    constraint up to eps * v_k (<g~, g_k> = lambda_k - eps v_k, lambda the multipliers of
+    v >= margin). quadprog needs P + eps I positive definite; where it is not (eps = 0 with past
+    gradients that are linearly dependent, or a Gram matrix whose float32 rounding is larger than
+    eps), a ridge growing from 1e-10 of P's mean diagonal is added until the factorisation
+    succeeds. Both backends call this."""
     solve_qp = _solve_qp()
     gram = np.asarray(gram, np.float64)
     dots = np.asarray(dots, np.float64)
     t = len(dots)
-    P = 0.5 * (gram + gram.T)
-    scale = max(float(np.trace(P)) / t, np.finfo(np.float64).tiny)
     identity = np.eye(t)
+    P = 0.5 * (gram + gram.T) + float(eps) * identity
+    scale = max(float(np.trace(P)) / t, np.finfo(np.float64).tiny)
     for ridge in (0.0, 1e-10, 1e-7, 1e-4, 1e-2):
         try:
             return solve_qp(P + ridge * scale * identity, -dots, identity, np.full(t, float(margin)))[0]

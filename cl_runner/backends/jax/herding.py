@@ -6,7 +6,8 @@ list are its best k exemplars, so shrinking a class to m exemplars keeps the fir
 ReduceExemplarSet). Two ways of choosing them (``policy``):
 
 * ``herding``: the paper's ConstructExemplarSet. With phi the L2-normalised features of the
-  class's samples and mu their mean, the k-th exemplar is
+  class's samples (the raw features with ``normalize=False``, as in Mammoth's iCaRL of 2020)
+  and mu their mean, the k-th exemplar is
 
       p_k = argmin_x || mu - (phi(x) + sum_{j<k} phi(p_j)) / k ||,
 
@@ -31,14 +32,15 @@ class ExemplarMemory(ExemplarSets):
     """Ordered exemplar sets of every seen class (cl_runner/algorithms/memories.py); herding in
     NumPy, the random order from a NumPy generator."""
 
-    def __init__(self, capacity: int, policy: str = "herding", seed: int = 0):
-        super().__init__(capacity, policy)
+    def __init__(self, capacity: int, policy: str = "herding", seed: int = 0, normalize: bool = True):
+        super().__init__(capacity, policy, normalize)
         self.rng = np.random.default_rng(seed)
 
     def select(self, features: np.ndarray, m: int) -> np.ndarray:
         """Indices of the ``m`` exemplars to keep among a class's samples, best first."""
         if self.policy == "herding":
-            return herding_order(l2_normalize(np.asarray(features)), m)
+            feats = np.asarray(features)
+            return herding_order(l2_normalize(feats) if self.normalize else feats, m)
         n = len(features)
         return self.rng.permutation(n)[: min(m, n)]
 

@@ -5,7 +5,8 @@ list are its best k exemplars, so shrinking a class to m exemplars keeps the fir
 ReduceExemplarSet). Two ways of choosing them (``policy``):
 
 * ``herding``: the paper's ConstructExemplarSet. With phi the L2-normalised features of the
-  class's samples and mu their mean, the k-th exemplar is
+  class's samples (the raw features with ``normalize=False``, as in Mammoth's iCaRL of 2020)
+  and mu their mean, the k-th exemplar is
 
       p_k = argmin_x || mu - (phi(x) + sum_{j<k} phi(p_j)) / k ||,
 
@@ -61,14 +62,14 @@ class ExemplarMemory(ExemplarSets):
     """Ordered exemplar sets of every seen class (cl_runner/algorithms/memories.py); herding on
     the device, the random order from a torch generator."""
 
-    def __init__(self, capacity: int, policy: str = "herding", seed: int = 0):
-        super().__init__(capacity, policy)
+    def __init__(self, capacity: int, policy: str = "herding", seed: int = 0, normalize: bool = True):
+        super().__init__(capacity, policy, normalize)
         self.generator = torch.Generator().manual_seed(seed)
 
     def select(self, features: torch.Tensor, m: int) -> np.ndarray:
         """Indices (host) of the ``m`` exemplars to keep among a class's samples, best first."""
         if self.policy == "herding":
-            return herding_order(l2_normalize(features), m).cpu().numpy()
+            return herding_order(l2_normalize(features) if self.normalize else features, m).cpu().numpy()
         n = features.shape[0]
         return torch.randperm(n, generator=self.generator)[: min(m, n)].numpy()
 

@@ -9,10 +9,10 @@ past task's memory loss to first order: <g~, g_k> >= 0 for every k. When g satis
 constraint it is used as is; otherwise g~ = G^T v + g, with v the solution of the paper's dual
 quadratic program
 
-    min_v  1/2 v^T G G^T v + g^T G^T v     subject to  v >= gamma,
+    min_v  1/2 v^T (G G^T + eps I) v + g^T G^T v     subject to  v >= gamma,
 
-gamma = ``memory_strength`` (the paper's margin; its released code bounds v below by it), as on
-the PyTorch backend.
+gamma = ``memory_strength`` (the paper's margin; its released code bounds v below by it) and
+eps = ``qp_eps`` (the released code's 1e-3, added at every solve), as on the PyTorch backend.
 
 Inside the compiled step: a loop over the tasks (``lax.map``) in which each past task's row of
 G is one forward and backward pass over that task's ``mem_per_task`` slots (a fixed shape; its
@@ -22,7 +22,7 @@ G g and G G^T. All of it is skipped during the first task (``lax.cond``: nothing
 Cost of the quadratic program: when some <g, g_k> < 0, the small problem (P = G G^T of shape
 num_tasks x num_tasks and q = G g; the host keeps the rows of the past tasks) goes to the host
 through ``jax.pure_callback`` and is solved in float64 with ``quadprog`` -- the solver the
-PyTorch backend uses, with the same ridge fallback, so both backends get the same v for the same
+PyTorch backend uses, with the same eps and ridge fallback, so both backends get the same v for the same
 gradients. Each such step stops the compiled loop for one round trip to Python: measured on a
 busy 2-core CPU, ~3 ms per call, which made the steps of tasks 2-3 of a Permuted MNIST run (MLP
 784-100-100-10, batch 10, mem_per_task 50, a quarter of the steps projected) ~30% slower than
@@ -34,6 +34,8 @@ v = 0 without a conflict).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -48,14 +50,14 @@ tmap = jax.tree_util.tree_map
 leaves = jax.tree_util.tree_leaves
 
 
-def _host_dual(gram, dots, active, margin):
+def _host_dual(gram, dots, active, margin, eps):
     """The pure_callback body: v (float32, zero outside ``active``, and zero when no active
     constraint is violated)."""
     gram, dots, active = np.asarray(gram), np.asarray(dots), np.asarray(active, bool)
     v = np.zeros(dots.shape, np.float32)
     idx = np.flatnonzero(active)
     if len(idx) and bool((dots[idx] < 0).any()):
-        v[idx] = gem_dual(gram[np.ix_(idx, idx)], dots[idx], float(margin))
+        v[idx] = gem_dual(gram[np.ix_(idx, idx)], dots[idx], float(margin), float(eps))
     return v
 
 
@@ -69,7 +71,7 @@ def tree_gram(G):
     return sum(jnp.tensordot(a, a, axes=(tuple(range(1, a.ndim)),) * 2) for a in leaves(G))
 
 
-def gem_project(grads, G, active, margin):
+def gem_project(grads, G, active, margin, eps=1e-3):
     """(g~, projected) for the gradient pytree ``grads`` and the rows ``G`` (a pytree whose leaves
     have a leading task axis) of which those marked ``active`` are constraints: ``grads`` when
     <g, g_k> >= 0 for every active row, else g + G^T v with v from :func:`gem_dual` (traced; the
@@ -79,7 +81,9 @@ def gem_project(grads, G, active, margin):
 
     def project(g):
         gram = tree_gram(G)
-        v = jax.pure_callback(_host_dual, jax.ShapeDtypeStruct(dots.shape, jnp.float32), gram, dots, active,
+        # eps goes to the host as the Python float it is (a float32 argument would round 1e-3).
+        v = jax.pure_callback(functools.partial(_host_dual, eps=float(eps)),
+                              jax.ShapeDtypeStruct(dots.shape, jnp.float32), gram, dots, active,
                               jnp.asarray(margin, jnp.float32), vmap_method="sequential")
         v = jnp.where(active, v, 0.0).astype(dots.dtype)
         return tmap(lambda gl, Gl: gl + jnp.tensordot(v, Gl, axes=1).astype(gl.dtype), g, G)
@@ -98,6 +102,7 @@ class GEMPart(MemoryPart):
         self.memory = ReplayMemory("ring", learner.stream.input_shape, per_task=self.per_task,
                                    num_tasks=self.num_tasks, num_outputs=learner.num_outputs())
         self.margin = float(cfg.memory_strength)
+        self.eps = float(cfg.qp_eps)
         self.replay_batch_size = self.memory.capacity
         self.host_rng = np.random.default_rng(derived_seed(learner.seed, 7332))
         self.state = learner.put({
@@ -142,7 +147,7 @@ class GEMPart(MemoryPart):
     def adjust_grads(self, params, state, grads):
         def projected(g):
             G, active = self.past_gradients(params, state)
-            return gem_project(g, G, active, self.margin)[0]
+            return gem_project(g, G, active, self.margin, self.eps)[0]
 
         # The first task has no past task: no memory pass, g unchanged.
         return jax.lax.cond(state["task"] > 0, projected, lambda g: g, grads)

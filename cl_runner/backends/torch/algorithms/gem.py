@@ -8,11 +8,13 @@ increase any past task's memory loss to first order: <g~, g_k> >= 0 for every k.
 satisfies every constraint it is used as is; otherwise g~ = G^T v + g, with v the solution of the
 paper's dual quadratic program
 
-    min_v  1/2 v^T G G^T v + g^T G^T v     subject to  v >= gamma,
+    min_v  1/2 v^T (G G^T + eps I) v + g^T G^T v     subject to  v >= gamma,
 
 solved with ``quadprog``. gamma = ``memory_strength`` is the paper's margin, which biases the
-projection toward updates that lower the past losses (0 gives the exact projection onto the
-cone of allowed gradients; the paper's released code bounds v below by it, as here). Each past
+projection toward updates that lower the past losses (the paper's released code bounds v below
+by it, as here). eps = ``qp_eps`` is the released code's constant 1e-3, added at every solve
+(facebookresearch/GradientEpisodicMemory model/gem.py:70-88); gamma = eps = 0 gives the exact
+projection onto the cone of allowed gradients. Each past
 task's gradient comes from a forward and backward pass over its own memory, the dot products and
 G G^T are computed on the device, and only the t x t problem goes to the host. In task-IL each memory's loss uses its task's output units.
 """
@@ -29,13 +31,14 @@ from cl_runner.registry import ALGORITHMS
 
 
 @torch.no_grad()
-def gem_project(g: torch.Tensor, G: torch.Tensor, margin: float) -> tuple[torch.Tensor, bool]:
-    """(g~, projected): g itself when <g, g_k> >= 0 for every row g_k of G, else G^T v + g."""
+def gem_project(g: torch.Tensor, G: torch.Tensor, margin: float, eps: float = 1e-3) -> tuple[torch.Tensor, bool]:
+    """(g~, projected): g itself when <g, g_k> >= 0 for every row g_k of G, else G^T v + g with
+    v from :func:`gem_dual` (margin ``margin``, ``eps`` I added to G G^T)."""
     dots = G @ g
     if not bool((dots < 0).any()):
         return g, False
     gram = (G @ G.T).double().cpu().numpy()
-    v = gem_dual(gram, dots.double().cpu().numpy(), margin)
+    v = gem_dual(gram, dots.double().cpu().numpy(), margin, eps)
     return g + torch.from_numpy(v).to(G) @ G, True
 
 
@@ -47,6 +50,7 @@ class GEMPart(Part):
                                    per_task=int(cfg.mem_per_task), num_tasks=learner.stream.num_tasks,
                                    num_outputs=learner.num_outputs())
         self.margin = float(cfg.memory_strength)
+        self.eps = float(cfg.qp_eps)
         self.task_id = 0
         self.projections = 0  # steps whose gradient was projected (for inspection)
         self._pending = None
@@ -92,7 +96,7 @@ class GEMPart(Part):
         params = self.params
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         g = torch.cat([gr.reshape(-1) for gr in grads])
-        new, projected = gem_project(g, G, self.margin)
+        new, projected = gem_project(g, G, self.margin, self.eps)
         if not projected:
             return
         self.projections += 1
