@@ -98,6 +98,8 @@ class TorchLearner(Learner):
         self.output_mask = mask.to(device)
         self._test_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.train_x = self.train_y = self.train_t = None
+        # During a step of train_epoch: the stream batch before augmentation (see stream_inputs).
+        self._unaugmented: torch.Tensor | None = None
         if list(cfg.algo.plugins) and self.refuses_plugins:
             raise ConfigError(f"algo={cfg.algo.name} does not compose algo.plugins="
                               f"{list(cfg.algo.plugins)}: {self.refuses_plugins}; set algo.plugins=[].")
@@ -195,6 +197,21 @@ class TorchLearner(Learner):
     def criterion(self, logits: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
         return F.cross_entropy(self.masked(logits, t), y)
 
+    def stream_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """The step's stream batch as a replay memory stores it: before ``benchmark.augment``.
+        ``x`` is the batch the step trains on; while ``train_epoch`` runs a step on an augmented
+        batch this is the same batch un-augmented, otherwise ``x`` itself. The references keep
+        the raw image and augment it afresh each time they replay it (Mammoth utils/buffer.py
+        stores ``not_aug_inputs``; models/er.py:29-48 and models/der.py:30-47 pass
+        ``transform`` to ``Buffer.get_data``, utils/buffer.py:89-109)."""
+        raw = self._unaugmented
+        return x if raw is None else raw
+
+    def replay_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Memory samples about to be trained on: augmented afresh as every stream batch is
+        (``benchmark.augment``; a new crop and flip at each replay), else unchanged."""
+        return x if self.augment is None else self.augment(x)
+
     def train_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The model's logits for ``x`` in a loss term of the training step (the step's batch, or a
         part's memory batch). Where the step takes the fused MLP pass they are computed by it, as
@@ -280,8 +297,12 @@ class TorchLearner(Learner):
                         cb.on_before_step(loop, base_step + b)
                 xb = xs.index_select(0, perm[lo:hi])
                 if self.augment is not None:
+                    self._unaugmented = xb
                     xb = self.augment(xb)
-                loss = self.train_step(xb, ys[lo:hi], ts[lo:hi] if ts is not None else None)
+                try:
+                    loss = self.train_step(xb, ys[lo:hi], ts[lo:hi] if ts is not None else None)
+                finally:
+                    self._unaugmented = None
                 losses[b] = loss
                 if step_cbs:
                     for cb in step_cbs:
