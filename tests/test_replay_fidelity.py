@@ -418,3 +418,110 @@ def test_gdumb_reinitialisation_respects_xavier_init(backend):
         assert np.all(b == 0)
         assert np.abs(w).max() <= bound and np.abs(w).max() > 0.9 * bound  # uniform up to the bound
         assert abs(float(w.std()) - bound / np.sqrt(3)) < 0.15 * bound / np.sqrt(3)
+
+
+# -- GDumb's MNIST MLP: linear layers without bias, each followed by batch norm ------------------------
+
+def test_batch_norm_mlp_by_hand_on_both_backends():
+    """backbone.batch_norm: x -> BN(x W1) -> ReLU -> BN(. W2) (GDumb src/models/layers.py FCBlock and
+    FinalBlock, no biases). Training normalises with the batch's mean and biased variance and
+    moves the running averages by 0.1 towards the mean and the unbiased variance (PyTorch's
+    BatchNorm1d); evaluation uses the running averages. Checked against NumPy on both backends."""
+    from cl_runner.backends.jax.backbones import build_backbone as jax_build
+    from cl_runner.backends.jax.resnet import init_batch_stats
+    from cl_runner.backends.torch.backbones import build_backbone as torch_build
+
+    cfg = validate_config({"backbone": {"width": 5, "n_hidden_layers": 1, "batch_norm": True}})[0].backbone
+    torch.manual_seed(0)
+    tm = torch_build(cfg, (1, 3, 3), 4)
+    lin1, lin2 = tm.features[1], tm.head[0]
+    assert lin1.bias is None and lin2.bias is None
+    assert [type(m).__name__ for m in tm.features] == ["Flatten", "Linear", "BatchNorm1d", "ReLU"]
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 1, 3, 3)).astype(np.float32)
+    w1, w2 = lin1.weight.detach().double().numpy(), lin2.weight.detach().double().numpy()
+
+    def bn(h):
+        m, v = h.mean(0), h.var(0)
+        return (h - m) / np.sqrt(v + 1e-5), m, h.var(0, ddof=1)
+
+    h1, m1, u1 = bn(x.reshape(6, -1).astype(np.float64) @ w1.T)
+    z, m2, u2 = bn(np.maximum(h1, 0) @ w2.T)
+    stats = {"m1": 0.1 * m1, "v1": 0.9 + 0.1 * u1, "m2": 0.1 * m2, "v2": 0.9 + 0.1 * u2}
+    tm.train()
+    np.testing.assert_allclose(tm(torch.as_tensor(x)).detach().numpy(), z, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(tm.features[2].running_mean.numpy(), stats["m1"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(tm.features[2].running_var.numpy(), stats["v1"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(tm.head[1].running_var.numpy(), stats["v2"], rtol=1e-5, atol=1e-6)
+
+    jm = jax_build(cfg, (1, 3, 3), 4)
+    ones = lambda n: {"scale": np.ones(n, np.float32), "bias": np.zeros(n, np.float32)}  # noqa: E731
+    params = {"features": {"layers_0": {"kernel": w1.T.astype(np.float32)}, "norm_0": ones(5)},
+              "head": {"linear": {"kernel": w2.T.astype(np.float32)}, "norm": ones(4)}}
+    batch_stats = init_batch_stats(jm, (1, 3, 3))
+    out, new = jm.apply({"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(np.asarray(out), z, rtol=1e-4, atol=1e-5)
+    got = new["batch_stats"]
+    np.testing.assert_allclose(np.asarray(got["features"]["norm_0"]["mean"]), stats["m1"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(got["features"]["norm_0"]["var"]), stats["v1"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(got["head"]["norm"]["mean"]), stats["m2"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(got["head"]["norm"]["var"]), stats["v2"], rtol=1e-5, atol=1e-6)
+    # Evaluation: the running averages, the same on both backends.
+    tm.eval()
+    with torch.no_grad():
+        ref = tm(torch.as_tensor(x)).numpy()
+    ev = jm.apply({"params": params, "batch_stats": got}, x, train=False)
+    np.testing.assert_allclose(np.asarray(ev), ref, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="running averages"):
+        jm.apply({"params": params}, x, train=False)
+
+
+@pytest.mark.parametrize("backbone, words", [
+    ({"type": "cnn", "batch_norm": True}, ["'backbone.batch_norm'", "mlp"]),
+    ({"batch_norm": True, "head": "incremental"}, ["backbone.batch_norm=true", "backbone.head=fixed"]),
+])
+def test_batch_norm_mlp_config_errors(backbone, words):
+    with pytest.raises(ConfigError) as ei:
+        validate_config({"backbone": backbone})
+    for w in words:
+        assert w in str(ei.value)
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_gdumb_retrains_a_batch_norm_mlp_with_crop_only_augmentation(backend):
+    """GDumb's MNIST recipe: a batch-norm MLP retrained on the memory with random crops and no
+    flip. Re-initialisation resets the running averages too; the retrained model predicts the
+    memory's classes well above chance (class-IL, 4 classes)."""
+    from test_resnet import colour_stream
+
+    s = colour_stream()
+    stream = Stream(name="colour", scenario="class_il", tasks=s.tasks, num_outputs=4, input_shape=s.input_shape,
+                    mean=s.mean, std=s.std)
+    sections = {"algo": {"name": "gdumb", "mem_size": 40, "epochs": 16, "batch_size": 8},
+                "backbone": {"width": 16, "n_hidden_layers": 1, "batch_norm": True},
+                "benchmark": {"augment": True, "crop_padding": 1, "augment_flip": False}}
+    if backend == "torch":
+        learner = torch_backend.build_learner(validate_config(sections)[0], stream, torch.device("cpu"), 0)
+        assert learner.augment.flip is False
+        norm = learner.model.features[2]
+        stats = lambda: (norm.running_mean.numpy().copy(), norm.running_var.numpy().copy())  # noqa: E731
+    else:
+        cfg = validate_config({"backend": {"name": "jax"}, **sections})[0]
+        learner = jax_backend.build_learner(cfg, stream, jax_backend.resolve_device("cpu"), 0)
+        assert learner._augment[2] is False
+
+        def stats():
+            s = learner.parts[learner._stats_index].state["features"]["norm_0"]
+            return np.asarray(s["mean"]).copy(), np.asarray(s["var"]).copy()
+    for task in stream.tasks:
+        learner.on_before_task(task)
+        learner.train_epoch(task, 0)
+        learner.on_after_training(task)
+        learner.on_after_task(task)
+    mean, var = stats()
+    assert np.abs(mean).max() > 1e-3 and np.abs(var - 1).max() > 1e-3  # trained
+    accs = learner.evaluate(stream.tasks)
+    assert np.mean(list(accs.values())) > 60.0  # chance: 25
+    learner.reinitialize()
+    mean, var = stats()
+    assert np.all(mean == 0) and np.all(var == 1)

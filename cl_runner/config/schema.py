@@ -52,6 +52,9 @@ class BenchmarkConfig:
     # with probability 1/2 (the standard CIFAR / Tiny ImageNet recipe). Evaluation never augments.
     augment: bool = False
     crop_padding: int = 4
+    # With augment: false leaves out the flip (the crop only: GDumb's recipe for MNIST, whose
+    # digits are not mirror-symmetric; drimpossible/GDumb src/dataloader.py:112-128).
+    augment_flip: bool = True
 
 
 @dataclass
@@ -70,6 +73,9 @@ class BackboneConfig:
     # Output layer: fixed (one layer over every unit), incremental (class-IL, domain-IL: units added
     # when new classes appear) or multihead (task-IL: a head added per task); torch backend.
     head: str = "fixed"
+    # mlp: each linear layer (the output layer too) without a bias and followed by batch norm
+    # (PyTorch's BatchNorm1d: momentum 0.1, eps 1e-5), the hidden ones then ReLU: GDumb's MNIST MLP.
+    batch_norm: bool = False
     # resnet18: base filters (20: the reduced ResNet-18 of GEM / A-GEM; 64: the full one of DER).
     nf: int = 64
     # resnet18: fp32, or bf16 (bfloat16 mixed precision: convolutions in bf16, parameters,
