@@ -525,3 +525,32 @@ def test_gdumb_retrains_a_batch_norm_mlp_with_crop_only_augmentation(backend):
     learner.reinitialize()
     mean, var = stats()
     assert np.all(mean == 0) and np.all(var == 1)
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_augment_flip_false_crops_without_mirroring(backend):
+    """benchmark.augment_flip=false: every training input is a padded window of its image, never a
+    mirrored one (GDumb's MNIST transform: RandomCrop only, src/dataloader.py:112-128)."""
+    stream = cifar_like_stream(num_tasks=1, n_train=16)
+    sections = {"algo": {"name": "naive"}, "backbone": {"width": 8},
+                "benchmark": {"batch_size": 16, "augment": True, "crop_padding": PAD, "augment_flip": False}}
+    if backend == "torch":
+        learner = torch_backend.build_learner(validate_config(sections)[0], stream, torch.device("cpu"), 0)
+        learner.on_before_task(stream.tasks[0])
+        clean = learner.train_x.numpy()
+        out = np.concatenate([learner.augment(learner.train_x).numpy() for _ in range(8)])
+    else:
+        from cl_runner.backends.jax.augment import random_crop_flip
+
+        cfg = validate_config({"backend": {"name": "jax"}, **sections})[0]
+        learner = jax_backend.build_learner(cfg, stream, jax_backend.resolve_device("cpu"), 0)
+        learner.on_before_task(stream.tasks[0])
+        clean = np.asarray(learner.train_x)
+        out = np.concatenate([np.asarray(random_crop_flip(jax.random.PRNGKey(k), learner.train_x, *learner._augment))
+                              for k in range(8)])
+    shifted = 0
+    for i, row in enumerate(out):
+        k = window_index(row, clean[i % 16])
+        assert k % 2 == 0  # even indices of windows() are the unmirrored crops
+        shifted += k != 2 * (PAD * (2 * PAD + 1) + PAD)  # not the centred, unshifted window
+    assert shifted > len(out) // 2
