@@ -77,6 +77,12 @@ def version_differences(recorded: dict | None, backend: str) -> list[str]:
     if not recorded:
         return []
     now = versions.collect()
+    try:  # as results.json records it (the torch backend's versions(): torch.__version__, local tag included)
+        import torch
+
+        now["torch"] = torch.__version__
+    except ImportError:
+        pass
     lines = []
     for name in COMPARED:
         was, is_ = recorded.get(name), now.get(name)

@@ -60,7 +60,9 @@ def test_rerun_of_a_folder_that_is_no_run(tmp_path):
 
 
 def test_version_differences():
-    now = versions.collect()
+    import torch
+
+    now = {**versions.collect(), "torch": torch.__version__}
     same = {k: now[k] for k in ("clrun", "torch", "jax")}
     assert rerun.version_differences(same, "torch") == []
     assert rerun.version_differences(None, "torch") == []
