@@ -106,7 +106,23 @@ def isolated_update_us(path: str, calls: int = 2000) -> float | None:
 
 
 def end_to_end(args, path: str) -> tuple[float, dict]:
-    return bench.time_clrun(args, "ewc", backend={"name": "torch", "update_path": path})
+    """clrun's EWC on the reference stream with update ``path``: (seconds, results), timed as
+    bench.py times clrun (no loggers or checkpoints: the training and the evaluations)."""
+    from rich.console import Console
+
+    from cl_runner.experiment import run_experiment
+
+    cfg = bench.reference_config(args, "ewc")
+    cfg["backend"] = {"name": "torch", "update_path": path}
+    cfg["loggers"], cfg["checkpoint"] = [], False
+    out = tempfile.mkdtemp(prefix=f"bench-kernels-{path}-")
+    try:
+        t0 = time.perf_counter()
+        with open(os.devnull, "w") as devnull:
+            results = run_experiment(cfg, out, console=Console(file=devnull))
+        return time.perf_counter() - t0, results
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def gather_seconds(plan, path: str) -> float:
