@@ -10,16 +10,16 @@ import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
+from cl_runner import resources
 from cl_runner.config import validate_config
 from cl_runner.config.schema import AlgoConfig, RunConfig
 from cl_runner.errors import ConfigError
 from cl_runner.registry import ALGORITHMS
 
 REPO = Path(__file__).resolve().parent.parent
-CONF = REPO / "conf"
-SEQUEL = Path("/work/shared/sequel_configs")
-if not SEQUEL.is_dir():
-    SEQUEL = (REPO.parent / "shared" / "sequel_configs").resolve()
+CONF = resources.CONF_DIR
+# The SequeL-format files, in the offline copy beside the checkout.
+SEQUEL = (REPO.parent / "shared" / "sequel_configs").resolve()
 
 
 def error_of(cfg: dict) -> str:

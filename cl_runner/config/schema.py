@@ -125,9 +125,13 @@ class BackendConfig:
     # kernels autograd calls, without the autograd engine; backends/torch/fused.py).
     # false: autograd and torch.optim for every step.
     fused_step: bool = True
-    # torch on a CPU: the SGD update (with EWC's or MAS's penalty gradient) as one pass of a small
-    # C file compiled once into the cache (backends/torch/native.py); the same float32 operations
-    # as PyTorch's kernels. Used where a C compiler is found; false: PyTorch's kernels.
+    # torch on a CPU: how the SGD update (with EWC's or MAS's penalty gradient) runs
+    # (backends/torch/update.py): c (a small C file compiled once into the cache by the system's
+    # compiler), numba, compile (torch.compile), fused (torch's fused SGD kernel), foreach
+    # (torch._foreach ops), or auto (the first of update.AUTO_ORDER this machine has).
+    # results.json records the path that ran and why (kernels.update).
+    update_path: str = "auto"
+    # false: the same as update_path=foreach (PyTorch's kernels; kept for older configs).
     native_update: bool = True
     # torch on a CUDA GPU: runs of 64 training steps recorded once per epoch as a CUDA graph and
     # replayed (backends/torch/graphs.py), where the step allows it (the fused MLP step, plain

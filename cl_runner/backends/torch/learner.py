@@ -25,7 +25,7 @@ from cl_runner.backends.torch.backbones import build_backbone
 from cl_runner.backends.torch.fused import FusedMLPStep, sgd_step, sgd_step_possible
 from cl_runner.backends.torch.graphs import StepGraph, graph_refusal
 from cl_runner.backends.torch.heads import add_missing_params, grow_head, release_unused_head_grads
-from cl_runner.backends.torch.native import NativeSGD
+from cl_runner.backends.torch import update as update_paths
 from cl_runner.backends.torch.optim import build_optimizer, set_lr, task_lr
 from cl_runner.core.learner import Learner
 from cl_runner.errors import ConfigError, TrainingDivergedError
@@ -118,8 +118,10 @@ class TorchLearner(Learner):
         self._grad_parts = [p for p in self.parts if _overrides(p, "after_backward")]
         self._step_parts = [p for p in self.parts if _overrides(p, "after_step")]
         self.fused_step = bool(getattr(cfg.backend, "fused_step", False))
-        self.native_update = bool(getattr(cfg.backend, "native_update", False))
-        self._native: NativeSGD | None = None
+        # the update path after backward (update.py): requested, chosen per task, and its record
+        self.update_request = update_paths.requested_path(cfg.backend)
+        self.update_record: update_paths.UpdateRecord | None = None
+        self._native = None
         self._fused: FusedMLPStep | None = None
         self._fused_plain = False
         self._fused_pending: list | None = None  # during a step: the fused passes to back-propagate
@@ -176,9 +178,17 @@ class TorchLearner(Learner):
         self._fused = fused
         plain_sgd = sgd_step_possible(self.optimizer)
         self._fast_sgd = self.optimizer if self.fused_step and plain_sgd else None
-        self._native = None
-        if self.native_update and plain_sgd:
-            self._native = NativeSGD.for_learner(self.optimizer, self._grad_parts, self.grad_clip)
+        self._native, record = update_paths.for_learner(
+            self.update_request, self.optimizer, self._grad_parts, self.grad_clip, plain_sgd,
+            self._fast_sgd is self.optimizer)
+        if self.update_record is not None:  # the steps so far stay counted
+            record.steps = self.update_record.steps
+        self.update_record = record
+
+    def kernel_record(self) -> dict:
+        """Which update path ran (and why, and how many steps each path took): results.json's
+        ``kernels.update``."""
+        return self.update_record.as_dict() if self.update_record is not None else {}
 
     def on_after_training(self, task) -> None:
         for p in self.parts:
@@ -247,16 +257,24 @@ class TorchLearner(Learner):
                 self._fused_pending = None
         if t is not None:
             release_unused_head_grads(self.model, self.output_mask, t)
-        native = self._native  # the penalty's gradient and the SGD step in one pass (native.py)
-        if native is None or native.optimizer is not self.optimizer or not native():
+        native = self._native  # the penalty's gradient and the SGD step in fewer passes (update.py)
+        steps = self.update_record.steps if self.update_record is not None else None
+        if native is not None and native.optimizer is self.optimizer and native():
+            if steps is not None:
+                steps[native.name] += 1
+        else:
             for p in self._grad_parts:
                 p.after_backward()
             if self.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
             if self._fast_sgd is self.optimizer:
                 sgd_step(self.optimizer)
+                fallback = update_paths.FOREACH
             else:
                 self.optimizer.step()
+                fallback = update_paths.OPTIM
+            if steps is not None:
+                steps[fallback] += 1
         for p in self._step_parts:
             p.after_step()
         return loss.detach()
