@@ -149,6 +149,7 @@ def _check_values(cfg: Any) -> None:
     positive("benchmark.classes_per_task", cfg.benchmark.classes_per_task, allow_none=True)
     positive("training.epochs_per_task", cfg.training.epochs_per_task)
     positive("optimizer.lr", cfg.optimizer.lr)
+    positive("optimizer.grad_clip_value", cfg.optimizer.grad_clip_value, allow_none=True)
     if not (0 <= cfg.backbone.dropout < 1):
         raise ConfigError(f"config key 'backbone.dropout' must be in [0, 1), got {cfg.backbone.dropout}.")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(cfg.device)):

@@ -81,6 +81,7 @@ class TorchLearner(Learner):
         self.batch_size = int(cfg.benchmark.batch_size)
         self.eval_batch_size = int(cfg.benchmark.eval_batch_size)
         self.grad_clip = cfg.optimizer.grad_clip_norm
+        self.grad_clip_value = cfg.optimizer.grad_clip_value
         self.check_finite = bool(cfg.training.check_finite)
         self.progress_every = int(cfg.training.progress_every)
         self._scale = 1.0 / 255.0
@@ -176,7 +177,8 @@ class TorchLearner(Learner):
         self._fast_sgd = self.optimizer if self.fused_step and plain_sgd else None
         self._native = None
         if self.native_update and plain_sgd:
-            self._native = NativeSGD.for_learner(self.optimizer, self._grad_parts, self.grad_clip)
+            self._native = NativeSGD.for_learner(self.optimizer, self._grad_parts,
+                                                 self.grad_clip or self.grad_clip_value)
 
     def on_after_training(self, task) -> None:
         for p in self.parts:
@@ -234,8 +236,7 @@ class TorchLearner(Learner):
         if native is None or native.optimizer is not self.optimizer or not native():
             for p in self._grad_parts:
                 p.after_backward()
-            if self.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            self.clip_gradients()
             if self._fast_sgd is self.optimizer:
                 sgd_step(self.optimizer)
             else:
@@ -243,6 +244,14 @@ class TorchLearner(Learner):
         for p in self._step_parts:
             p.after_step()
         return loss.detach()
+
+    def clip_gradients(self) -> None:
+        """``optimizer.grad_clip_norm`` (the global norm), then ``optimizer.grad_clip_value``
+        (each element), on the full gradient."""
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        if self.grad_clip_value:
+            torch.nn.utils.clip_grad_value_(self.model.parameters(), self.grad_clip_value)
 
     def train_epoch(self, task, epoch: int) -> dict:
         self.model.train()

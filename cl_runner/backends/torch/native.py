@@ -110,6 +110,8 @@ class NativeSGD:
 
     @classmethod
     def for_learner(cls, optimizer: torch.optim.Optimizer, grad_parts: list, grad_clip) -> "NativeSGD | None":
+        """The native update for this optimizer and these gradient parts, or None where it cannot
+        take the step exactly (``grad_clip``: any gradient clipping, by norm or by value)."""
         from cl_runner.backends.torch.regularization import ImportanceRegularizer
 
         if grad_clip or len(optimizer.param_groups) != 1:
