@@ -86,7 +86,8 @@ class MASConfig(AlgoConfig):
             raise ConfigError(f"config key 'algo.mas_importance': '{algo.mas_importance}' is not one of "
                               f"{', '.join(MAS_IMPORTANCES)}.")
         if algo.mas_samples is not None and algo.mas_samples <= 0:
-            raise ConfigError(f"config key 'algo.mas_samples' must be positive (or null for all), got {algo.mas_samples}.")
+            raise ConfigError(f"config key 'algo.mas_samples' must be positive (or null for all), "
+                              f"got {algo.mas_samples}.")
         if algo.mas_batch_size <= 0:
             raise ConfigError(f"config key 'algo.mas_batch_size' must be positive, got {algo.mas_batch_size}.")
 

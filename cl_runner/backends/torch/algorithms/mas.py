@@ -26,7 +26,6 @@ gradients cancel in the batch mean.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from cl_runner.algorithms.regularization import mas_sample_indices
