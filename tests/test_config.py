@@ -45,7 +45,8 @@ def test_unknown_key_names_key_and_nearest(cfg, key, near):
 
 def test_unknown_key_lists_valid_keys_of_its_section():
     msg = error_of({"algo": {"name": "ewc", "ewc_lambdaa": 5}})
-    assert "Valid keys in 'algo': ewc_lambda, fisher, fisher_batch_size, fisher_samples, name, plugins." in msg
+    assert ("Valid keys in 'algo': ewc_lambda, fisher, fisher_batch_size, fisher_ema_decay, fisher_samples, "
+            "fisher_update_after, name, plugins.") in msg
     msg = error_of({"zzzzzzzz": 1})
     assert "Did you mean" not in msg and "Valid keys in the top level:" in msg
 

@@ -96,6 +96,10 @@ class OptimizerConfig:
     lr_min: float = 0.0
     # Clip the global gradient norm to this value (null: no clipping).
     grad_clip_norm: Optional[float] = None
+    # Clip each gradient element to [-grad_clip_value, grad_clip_value] (null: no clipping), as
+    # torch.nn.utils.clip_grad_value_ (Mammoth's SI, models/si.py). Applied to the full gradient
+    # (task loss plus any penalty), after grad_clip_norm, before weight decay and momentum.
+    grad_clip_value: Optional[float] = None
 
 
 @dataclass

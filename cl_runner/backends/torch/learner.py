@@ -81,6 +81,7 @@ class TorchLearner(Learner):
         self.batch_size = int(cfg.benchmark.batch_size)
         self.eval_batch_size = int(cfg.benchmark.eval_batch_size)
         self.grad_clip = cfg.optimizer.grad_clip_norm
+        self.grad_clip_value = cfg.optimizer.grad_clip_value
         self.check_finite = bool(cfg.training.check_finite)
         self.progress_every = int(cfg.training.progress_every)
         self._scale = 1.0 / 255.0
@@ -179,8 +180,8 @@ class TorchLearner(Learner):
         plain_sgd = sgd_step_possible(self.optimizer)
         self._fast_sgd = self.optimizer if self.fused_step and plain_sgd else None
         self._native, record = update_paths.for_learner(
-            self.update_request, self.optimizer, self._grad_parts, self.grad_clip, plain_sgd,
-            self._fast_sgd is self.optimizer)
+            self.update_request, self.optimizer, self._grad_parts, self.grad_clip or self.grad_clip_value,
+            plain_sgd, self._fast_sgd is self.optimizer)
         if self.update_record is not None:  # the steps so far stay counted
             record.steps = self.update_record.steps
         self.update_record = record
@@ -265,8 +266,7 @@ class TorchLearner(Learner):
         else:
             for p in self._grad_parts:
                 p.after_backward()
-            if self.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            self.clip_gradients()
             if self._fast_sgd is self.optimizer:
                 sgd_step(self.optimizer)
                 fallback = update_paths.FOREACH
@@ -278,6 +278,14 @@ class TorchLearner(Learner):
         for p in self._step_parts:
             p.after_step()
         return loss.detach()
+
+    def clip_gradients(self) -> None:
+        """``optimizer.grad_clip_norm`` (the global norm), then ``optimizer.grad_clip_value``
+        (each element), on the full gradient."""
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        if self.grad_clip_value:
+            torch.nn.utils.clip_grad_value_(self.model.parameters(), self.grad_clip_value)
 
     def train_epoch(self, task, epoch: int) -> dict:
         self.model.train()
