@@ -46,10 +46,10 @@ def jax_modules():
     return jax, backend, jgem, jicarl, JaxExemplars
 
 
-def jax_learner(stream, name, algo, benchmark=None):
+def jax_learner(stream, name, algo, benchmark=None, backbone=None):
     _, backend, *_ = jax_modules()
     cfg = {"backend": {"name": "jax"}, "algo": {"name": name, **algo},
-           "backbone": {"width": 8, "n_hidden_layers": 1},
+           "backbone": {"width": 8, "n_hidden_layers": 1, **(backbone or {})},
            "benchmark": {"batch_size": 8, "name": "splitmnist", **(benchmark or {})}}
     return backend.build_learner(validate_config(cfg)[0], stream, backend.resolve_device("cpu"), 0)
 
@@ -127,6 +127,26 @@ def test_icarl_first_task_and_a_growing_head_average_over_the_units_that_exist()
         learner.on_before_task(stream.tasks[0])
         assert learner.parts[0].extra_loss(None, y, logits) is None
         assert float(learner.criterion(logits, y, None)) == pytest.approx(expected, abs=2e-6)
+
+
+def test_icarl_first_task_and_a_growing_head_average_over_the_units_that_exist_jax():
+    """The JAX backend's loss on the same cases (its head keeps every unit allocated and masks
+    those of tasks not started, so the averaging has to follow the seen units by itself)."""
+    jax, *_ = jax_modules()
+    import jax.numpy as jnp
+
+    stream = one_class_per_task()
+    logits, y = jnp.asarray([[LN3, 0.0, -LN3]], jnp.float32), jnp.asarray([0])
+    for algo, backbone, expected in [({"loss_reduction": "original"}, {}, 1.268511 / 3),
+                                     ({"loss_reduction": "mammoth"}, {}, 0.287682),
+                                     ({"loss_reduction": "original"}, {"head": "incremental"}, 0.287682)]:
+        learner = jax_learner(stream, "icarl", {"mem_size": 6, **algo}, backbone=backbone)
+        learner.on_before_task(stream.tasks[0])
+        part = learner.parts[0]
+        x = learner.to_input(stream.tasks[0].train_x[:1])
+        loss = learner.loss_from_logits(learner.params, (part.state,), x, y, None, None,
+                                        learner.mask_table, logits)
+        assert float(loss) == pytest.approx(expected, abs=2e-6), (algo, backbone)
 
 
 def test_icarl_loss_reduction_is_checked():
