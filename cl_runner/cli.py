@@ -316,6 +316,7 @@ def precheck(argv: list[str]) -> list[str]:
             argv += _prepare_optuna(sweeper, objective, {o.key_or_group for o in parsed}, hydra_cfg)
         if not args.multirun:
             _check_run_dir(compose_with(base_lines, hydra_config=True))
+            _claim_run_dir(compose_with(variants[0][0], hydra_config=True), first_job)
     except ConfigError as ex:
         _fail(str(ex))
     except HydraException:
@@ -350,6 +351,33 @@ def _check_run_dir(hydra_cfg) -> None:
     why = "is not a directory" if not existing.is_dir() else "is not writable"
     raise ConfigError(f"the output directory {target} is not writable ({existing} {why}). "
                       f"Choose another with hydra.run.dir=/some/writable/dir.")
+
+
+def _claim_run_dir(hydra_cfg, job_cfg) -> None:
+    """Take the lock of a single run's folder and refuse a start that would replace its checkpoint
+    before Hydra writes anything there (run_experiment checks both again; cl_runner/utils/lock.py).
+    A folder named by the clock (``${now:...}``) is left to that check: composed here, it could
+    name another second than Hydra's."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from cl_runner import checkpoint
+    from cl_runner.errors import ClrunError
+    from cl_runner.utils import lock
+
+    try:
+        raw = OmegaConf.to_container(hydra_cfg.hydra.run, resolve=False).get("dir")
+        run_dir = OmegaConf.select(hydra_cfg, "hydra.run.dir")
+    except OmegaConfBaseException:
+        return
+    if not run_dir or "${now:" in str(raw):
+        return
+    target = Path(str(run_dir)).expanduser().absolute()
+    try:
+        lock.acquire(target)  # held until this process ends
+        checkpoint.resume_source(target, job_cfg.get("resume"), bool(job_cfg.get("overwrite")))
+    except ClrunError as ex:
+        _fail(str(ex))
 
 
 def _prepare_optuna(sweeper: dict, objective: str, command_line_keys: set[str], hydra_cfg) -> list[str]:

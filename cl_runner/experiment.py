@@ -24,6 +24,7 @@ from cl_runner.core.loop import ContinualLoop
 from cl_runner.registry import ALGORITHMS, BACKBONES, PLUGINS
 from cl_runner.sweeps import usable_cores
 from cl_runner.utils.io import atomic_write_json, check_writable
+from cl_runner.utils.lock import run_dir_lock
 
 
 def choose_threads(threads, backbone_cfg, batch_size: int, cpu_count: int | None = None) -> tuple[int, int]:
@@ -46,15 +47,21 @@ def run_experiment(cfg: DictConfig | dict, output_dir: str | os.PathLike, consol
     """Run the experiment described by ``cfg``; write and return its results.
 
     ``cpu_count`` is the number of cores this run may use (e.g. its share when parallel sweep
-    jobs run on one machine); None: every core. ``threads: auto`` chooses within it.
+    jobs run on one machine); None: every core. ``threads: auto`` chooses within it. The run
+    holds the lock of ``output_dir`` (cl_runner/utils/lock.py) while it runs.
     """
+    out = check_writable(output_dir)
+    with run_dir_lock(out):
+        return _run_experiment(cfg, out, console, callbacks, cpu_count)
+
+
+def _run_experiment(cfg, out: Path, console: Console | None, callbacks, cpu_count) -> dict:
     console = console or Console()
     err_console = Console(stderr=True)
     t_start = time.perf_counter()
     typed, warnings = validate_config(cfg)
     for w in warnings:
         err_console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
-    out = check_writable(output_dir)
     backend = load_backend(typed.backend.name)
     ALGORITHMS.get(typed.algo.name, backend=typed.backend.name)  # fail before loading any data
     for plugin in typed.algo.plugins:
@@ -62,6 +69,10 @@ def run_experiment(cfg: DictConfig | dict, output_dir: str | os.PathLike, consol
     BACKBONES.get(typed.backbone.type, backend=typed.backend.name)
     if typed.seeds is not None:
         return run_seeds(typed, out, console, err_console, callbacks, cpu_count, t_start)
+    ckpt_path = Path(out) / checkpoint.FILENAME
+    source = checkpoint.resume_source(out, typed.resume, typed.overwrite)  # before loading any data
+    if typed.overwrite and source is None:
+        checkpoint.clear_run(out, typed.results_file)
     device = backend.resolve_device(typed.device)
     seed = int(typed.seed)
     train_threads, eval_threads = choose_threads(typed.threads, typed.backbone, typed.benchmark.batch_size,
@@ -80,14 +91,12 @@ def run_experiment(cfg: DictConfig | dict, output_dir: str | os.PathLike, consol
     loggers = build_loggers([n for n in typed.loggers if n != "console"], out, typed)
     cbs = [RichProgress(err_console, live=typed.progress)] if "console" in typed.loggers else []
     cbs += [*loggers, *(callbacks or [])]
-    ckpt_path = Path(out) / checkpoint.FILENAME
     if typed.checkpoint:
         cbs.append(CheckpointCallback(ckpt_path, config))
     loop = ContinualLoop(learner, stream, cbs, epochs_per_task=typed.training.epochs_per_task,
                          eval_on=typed.training.eval_on, eval_initial=typed.training.eval_initial,
                          eval_task_il=typed.training.eval_task_il)
-    if typed.resume:
-        source = ckpt_path if typed.resume is True else _checkpoint_in(typed.resume)
+    if source is not None:
         checkpoint.restore(checkpoint.load(source), learner, loop.state, config, source)
         err_console.print(f"resuming after task {loop.state.completed_tasks} of {stream.num_tasks} "
                           f"from {source}", highlight=False)
@@ -104,7 +113,7 @@ def run_experiment(cfg: DictConfig | dict, output_dir: str | os.PathLike, consol
         raise
 
     results = collect_results(typed, state, learner, device, backend, stream, config, data_time, t_start,
-                              (train_threads, eval_threads))
+                              (train_threads, eval_threads), resumed=source is not None)
     path = Path(out) / typed.results_file
     atomic_write_json(path, results)
     for logger in loggers:
@@ -118,8 +127,9 @@ def run_experiment(cfg: DictConfig | dict, output_dir: str | os.PathLike, consol
 
 
 def collect_results(typed, state, learner, device, backend, stream, config: dict, data_time: float,
-                    t_start: float, threads: tuple[int, int]) -> dict:
-    """The results.json of one run (one seed) from its loop state."""
+                    t_start: float, threads: tuple[int, int], resumed: bool = False) -> dict:
+    """The results.json of one run (one seed) from its loop state; ``resumed``: whether it
+    continued from a checkpoint."""
     train_threads, eval_threads = threads
     seed = int(typed.seed)
     summary = metrics.summarize(state.acc_matrix, state.initial_acc)
@@ -141,7 +151,7 @@ def collect_results(typed, state, learner, device, backend, stream, config: dict
         "model_size_mb": learner.num_parameters() * 4 / 2**20,
         "peak_rss_mb": peak_rss_mb(),
         "gpu_peak_mem_mb": _gpu_peak_mb(),
-        "resumed": bool(typed.resume),
+        "resumed": resumed,
         "device": str(device),
         "threads": {"train": train_threads, "eval": eval_threads} if device.type == "cpu" else None,
         "seed": seed,
@@ -168,11 +178,6 @@ class CheckpointCallback(Callback):
 
     def on_after_task(self, loop, task) -> None:
         checkpoint.save(self.path, loop.learner, loop.state, self.config)
-
-
-def _checkpoint_in(resume) -> Path:
-    p = Path(str(resume)).expanduser()
-    return p if p.suffix == ".pt" else p / checkpoint.FILENAME
 
 
 @contextlib.contextmanager
@@ -244,12 +249,16 @@ def run_seeds(typed, out: Path, console: Console, err_console: Console, callback
         c = OmegaConf.to_container(OmegaConf.create(base))
         c["seed"], c["seeds"] = s, None
         seed_configs.append(c)
+    # Each seed's folder is checked before any seed trains (resume=auto: which ones continue).
+    resumes = [checkpoint.resume_source(out / f"seed={s}", typed.resume, typed.overwrite) for s in seeds]
     reason = None
     if typed.backend.name == "jax":
         from cl_runner.backends.jax.seeds import vectorization_blocker
 
         reason = vectorization_blocker(ALGORITHMS.get(typed.algo.name, backend="jax"),
                                        [PLUGINS.get(p, backend="jax") for p in typed.algo.plugins])
+        if reason is None and any(r is not None for r in resumes):
+            reason = "some seeds continue from their checkpoints (resume=auto)"
         if reason:
             err_console.print(f"{len(seeds)} seeds one after another: {reason}.", highlight=False)
     else:
@@ -257,8 +266,13 @@ def run_seeds(typed, out: Path, console: Console, err_console: Console, callback
                           f"seeds sequentially; backend=jax trains them together).", highlight=False)
     compilations = None
     if typed.backend.name == "jax" and reason is None:
-        per_seed, compilations = _run_vectorized(typed, seeds, seed_configs, out, err_console, callbacks,
-                                                 cpu_count, t_start)
+        with contextlib.ExitStack() as locks:  # each seed's folder, as its own run would hold it
+            for s in seeds:
+                locks.enter_context(run_dir_lock(check_writable(out / f"seed={s}")))
+                if typed.overwrite:
+                    checkpoint.clear_run(out / f"seed={s}", typed.results_file)
+            per_seed, compilations = _run_vectorized(typed, seeds, seed_configs, out, err_console, callbacks,
+                                                     cpu_count, t_start)
     else:
         per_seed = [run_experiment(c, out / f"seed={s}", console=console, callbacks=callbacks,
                                    cpu_count=cpu_count) for s, c in zip(seeds, seed_configs)]

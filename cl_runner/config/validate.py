@@ -156,6 +156,7 @@ def _check_values(cfg: Any) -> None:
     threads = cfg.threads
     if not (threads == "auto" or (isinstance(threads, int) and not isinstance(threads, bool) and threads > 0)):
         raise ConfigError(f"config key 'threads': '{threads}' is neither 'auto' nor a positive integer.")
+    check_resume(cfg)
     if cfg.seeds is not None:
         check_seeds(cfg)
     if cfg.expected is not None:
@@ -179,9 +180,22 @@ def check_seeds(cfg) -> None:
         raise ConfigError(f"config key 'seeds': seeds must be non-negative integers, got {seeds}.")
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"config key 'seeds' repeats a seed ({seeds}); list each seed once.")
-    if cfg.resume:
+    if cfg.resume and cfg.resume != "auto":
         raise ConfigError("resume cannot be combined with 'seeds': each seed's run is in its own folder "
-                          "seed=<s>; resume one with seed=<s> resume=<run dir>/seed=<s>.")
+                          "seed=<s>; resume one with seed=<s> resume=<run dir>/seed=<s>, or every seed "
+                          "that has a checkpoint with resume=auto.")
+
+
+def check_resume(cfg) -> None:
+    """``resume``: null, a bool, ``auto`` or a run directory; ``overwrite`` does not go with a
+    resume of this run's own directory."""
+    resume = cfg.resume
+    if not (resume is None or isinstance(resume, bool) or (isinstance(resume, str) and resume.strip())):
+        raise ConfigError(f"config key 'resume': {resume!r} is not one of true, false, auto or the path "
+                          f"of a run directory (quote a path that Hydra would read as a number).")
+    if cfg.overwrite and (resume is True or resume == "auto"):
+        raise ConfigError(f"resume={str(resume).lower()} continues the run in this directory and "
+                          f"overwrite=true starts it again; choose one.")
 
 
 def _check_algo_values(algo, algo_name: str) -> None:

@@ -1,0 +1,464 @@
+"""Run folders and checkpoints under faults and misuse: one writer per folder, no checkpoint
+replaced silently, ``resume=auto`` and ``overwrite=true`` (docs/RELIABILITY.md)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+from conftest import TINY, read_results, run_clrun
+from cl_runner import checkpoint
+from cl_runner.errors import CheckpointError, ClrunError, ConfigError
+from cl_runner.experiment import run_experiment
+from cl_runner.utils import lock
+
+ARGS = ["benchmark=splitmnist", "benchmark.num_tasks=2", "algo=ewc", *TINY]
+
+
+def quiet() -> Console:
+    return Console(file=io.StringIO())
+
+
+def tiny(data_dir, **extra) -> dict:
+    cfg = {"data_dir": str(data_dir), "progress": False, "loggers": ["jsonl"], "algo": {"name": "ewc"},
+           "benchmark": {"name": "splitmnist", "num_tasks": 2, "batch_size": 32, "eval_batch_size": 200},
+           "backbone": {"width": 16}}
+    for k, v in extra.items():
+        cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
+    return cfg
+
+
+# -- 5. one writer per run folder -----------------------------------------------------------------
+def test_a_second_run_into_a_locked_folder_stops_before_writing_anything(tmp_path, tiny_data_dir):
+    """A folder whose lock another process holds: clrun stops with exit 2 naming that process,
+    before Hydra writes its .hydra/ files there."""
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import sys, time; from cl_runner.utils import lock; lock.acquire(sys.argv[1]); "
+                               "print('held', flush=True); time.sleep(120)", str(run_dir)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        res = run_clrun([*ARGS, f"data_dir={tiny_data_dir}", f"hydra.run.dir={run_dir}"], tmp_path)
+        assert res.returncode == 2, res.stderr
+        assert "another clrun run" in res.stderr and f"pid {holder.pid}" in res.stderr
+        assert "hydra.run.dir" in res.stderr
+        assert sorted(p.name for p in run_dir.iterdir()) == [lock.LOCK_NAME]  # nothing else written
+        # The same through the Python API.
+        with pytest.raises(ClrunError, match="another clrun run"):
+            run_experiment(tiny(tiny_data_dir), run_dir, console=quiet())
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_killed_holder_leaves_the_folder_free(tmp_path):
+    """The kernel drops the lock with its process, even on SIGKILL: no stale lock to clean up."""
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import sys, time; from cl_runner.utils import lock; lock.acquire(sys.argv[1]); "
+                               "print('held', flush=True); time.sleep(120)", str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(ClrunError):
+        lock.acquire(tmp_path)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    lock.acquire(tmp_path)
+    assert lock.held(tmp_path)
+    lock.release(tmp_path)
+    assert not lock.held(tmp_path)
+
+
+def test_the_lock_is_counted_within_a_process(tmp_path):
+    """The command line takes the lock before Hydra starts and the run takes it again: the second
+    take must not block, and the lock lasts until the last release."""
+    lock.acquire(tmp_path)
+    lock.acquire(tmp_path)
+    lock.release(tmp_path)
+    assert lock.held(tmp_path)
+    probe = subprocess.run([sys.executable, "-c", "import sys; from cl_runner.utils import lock; "
+                            "lock.acquire(sys.argv[1])", str(tmp_path)], capture_output=True, text=True)
+    assert probe.returncode != 0 and "another clrun run" in probe.stderr
+    lock.release(tmp_path)
+    probe = subprocess.run([sys.executable, "-c", "import sys; from cl_runner.utils import lock; "
+                            "lock.acquire(sys.argv[1])", str(tmp_path)], capture_output=True, text=True)
+    assert probe.returncode == 0, probe.stderr
+
+
+def test_sweep_jobs_and_seeds_each_lock_their_own_folder(tmp_path, tiny_data_dir):
+    """A sweep's jobs and a seeds=[...] run's seeds write to folders of their own: the lock lets
+    every one of them run."""
+    res = run_clrun(["-m", *ARGS, f"data_dir={tiny_data_dir}", "algo=naive,ewc", "seed=0,1",
+                     f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert len(list((tmp_path / "sweep").glob("*/results.json"))) == 4
+    agg = run_experiment(tiny(tiny_data_dir, seeds=[0, 1]), tmp_path / "seeds", console=quiet())
+    assert agg["seeds"] == [0, 1]
+    assert not lock.held(tmp_path / "seeds") and not lock.held(tmp_path / "seeds" / "seed=0")
+
+
+# -- 6. an existing checkpoint is never overwritten silently --------------------------------------
+def test_a_run_into_a_folder_with_a_checkpoint_stops_and_says_what_to_do(tmp_path, tiny_data_dir):
+    run_dir = tmp_path / "run"
+    first = run_clrun([*ARGS, f"data_dir={tiny_data_dir}", f"hydra.run.dir={run_dir}"], tmp_path)
+    assert first.returncode == 0, first.stderr
+    before = (run_dir / checkpoint.FILENAME).read_bytes()
+    hydra_config = (run_dir / ".hydra" / "config.yaml").read_text()
+    again = run_clrun([*ARGS, f"data_dir={tiny_data_dir}", f"hydra.run.dir={run_dir}", "optimizer.lr=0.5"],
+                      tmp_path)
+    assert again.returncode == 2
+    message = " ".join(again.stderr.split())
+    assert "already holds the checkpoint" in message
+    assert "resume=true" in message and "overwrite=true" in message and "resume=auto" in message
+    assert (run_dir / checkpoint.FILENAME).read_bytes() == before
+    assert (run_dir / ".hydra" / "config.yaml").read_text() == hydra_config  # refused before Hydra wrote
+    # The Python API refuses it too, before loading any data.
+    with pytest.raises(CheckpointError, match="already holds the checkpoint"):
+        run_experiment(tiny(tmp_path / "no-data-here"), run_dir, console=quiet())
+
+
+def test_resume_auto_starts_then_continues(tmp_path, tiny_data_dir):
+    """resume=auto: start when the folder has no checkpoint; continue when it has one. A run
+    stopped before task 2 and continued with the same command ends like an uninterrupted run."""
+    from cl_runner.core.callbacks import Callback
+
+    class StopBeforeTask(Callback):
+        def on_before_task(self, loop, task):
+            if task.id == 1:
+                raise KeyboardInterrupt
+
+    full = run_experiment(tiny(tiny_data_dir, resume="auto"), tmp_path / "full", console=quiet())
+    assert full["resumed"] is False
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(tiny(tiny_data_dir, resume="auto"), tmp_path / "cut", console=quiet(),
+                       callbacks=[StopBeforeTask()])
+    assert checkpoint.load(tmp_path / "cut" / checkpoint.FILENAME)["loop"]["completed_tasks"] == 1
+    resumed = run_experiment(tiny(tiny_data_dir, resume="auto"), tmp_path / "cut", console=quiet())
+    assert resumed["resumed"] is True
+    assert resumed["acc_matrix"].tolist() == full["acc_matrix"].tolist()
+    assert resumed["avg_acc"] == full["avg_acc"]
+
+
+def test_resume_auto_on_the_command_line(tmp_path, tiny_data_dir):
+    run_dir = tmp_path / "run"
+    common = [*ARGS, f"data_dir={tiny_data_dir}", f"hydra.run.dir={run_dir}", "resume=auto"]
+    first = run_clrun(common, tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "resuming" not in first.stderr and read_results(run_dir)["resumed"] is False
+    second = run_clrun(common, tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert "resuming after task 2 of 2" in second.stderr and read_results(run_dir)["resumed"] is True
+
+
+def test_overwrite_starts_again_and_clears_the_old_run(tmp_path, tiny_data_dir):
+    first = run_experiment(tiny(tiny_data_dir), tmp_path, console=quiet())
+    events = (tmp_path / "events.jsonl").read_text().splitlines()
+    second = run_experiment(tiny(tiny_data_dir, overwrite=True, optimizer={"lr": 0.05}), tmp_path,
+                            console=quiet())
+    assert second["resumed"] is False
+    assert checkpoint.load(tmp_path / checkpoint.FILENAME)["config"]["optimizer"]["lr"] == 0.05
+    assert second["avg_acc"] != first["avg_acc"]
+    # The event log is the new run's alone, not appended to the old one.
+    assert len((tmp_path / "events.jsonl").read_text().splitlines()) == len(events)
+
+
+def test_resume_from_another_run_into_a_folder_with_its_own_checkpoint(tmp_path, tiny_data_dir):
+    run_experiment(tiny(tiny_data_dir), tmp_path / "a", console=quiet())
+    run_experiment(tiny(tiny_data_dir, seed=1), tmp_path / "b", console=quiet())
+    with pytest.raises(CheckpointError, match="checkpoint of another run"):
+        run_experiment(tiny(tiny_data_dir, resume=str(tmp_path / "a")), tmp_path / "b", console=quiet())
+    res = run_experiment(tiny(tiny_data_dir, resume=str(tmp_path / "a"), overwrite=True), tmp_path / "b",
+                         console=quiet())
+    assert res["resumed"] is True
+
+
+@pytest.mark.parametrize("extra, words", [
+    ({"resume": True, "overwrite": True}, "choose one"),
+    ({"resume": "auto", "overwrite": True}, "choose one"),
+    ({"resume": 3}, "is not one of true, false, auto"),
+    ({"seeds": [0, 1], "resume": True}, "resume cannot be combined"),
+])
+def test_contradictory_resume_settings_are_config_errors(tiny_data_dir, tmp_path, extra, words):
+    from cl_runner.config import validate_config
+
+    with pytest.raises(ConfigError, match=words):
+        validate_config(tiny(tiny_data_dir, **extra))
+
+
+def test_seeds_with_resume_auto_continue_each_seed(tmp_path, tiny_data_dir):
+    """seeds=[...] with resume=auto: every seed folder with a checkpoint continues, the others
+    start; without resume or overwrite the run stops before any seed trains."""
+    import shutil
+
+    cfg = tiny(tiny_data_dir, seeds=[0, 1])
+    first = run_experiment(cfg, tmp_path, console=quiet())
+    with pytest.raises(CheckpointError, match="seed=0"):
+        run_experiment(cfg, tmp_path, console=quiet())
+    shutil.rmtree(tmp_path / "seed=1")
+    again = run_experiment({**cfg, "resume": "auto"}, tmp_path, console=quiet())
+    assert again["metrics"]["avg_acc"]["values"] == first["metrics"]["avg_acc"]["values"]
+    assert read_results(tmp_path / "seed=0")["resumed"] is True
+    assert read_results(tmp_path / "seed=1")["resumed"] is False
+
+
+def test_jax_seeds_with_resume_auto_run_one_after_another(tmp_path, tiny_data_dir):
+    pytest.importorskip("jax")
+    cfg = tiny(tiny_data_dir, seeds=[0, 1], backend={"name": "jax"}, loggers=[])
+    first = run_experiment(cfg, tmp_path, console=quiet())
+    assert first["vectorized"] is True
+    again = run_experiment({**cfg, "resume": "auto"}, tmp_path, console=quiet())
+    assert again["vectorized"] is False
+    assert again["metrics"]["avg_acc"]["values"] == first["metrics"]["avg_acc"]["values"]
+
+
+# -- 1, 3. checkpoints hold data only, checksummed ------------------------------------------------
+class _CreatesAFile:
+    """Unpickling this object opens (creates) a file: what any code in a pickle could do."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.parametrize("name", ["checkpoint.pt", checkpoint.FILENAME])
+def test_a_pickle_checkpoint_is_refused_and_runs_nothing(tmp_path, tiny_data_dir, name):
+    import pickle
+
+    import torch
+
+    marker = tmp_path / "created-by-the-pickle"
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    payload = {"format": 1, "config": {}, "learner": _CreatesAFile(marker), "loop": {}, "rng": {}}
+    torch.save(payload, run_dir / name)
+    # The file is a working exploit: unpickling it the way clrun format 1 did creates the marker.
+    probe = tmp_path / "probe"
+    torch.save({"x": _CreatesAFile(probe)}, tmp_path / "probe.pt")
+    subprocess.run([sys.executable, "-c", "import sys, torch; torch.load(sys.argv[1], weights_only=False)",
+                    str(tmp_path / "probe.pt")], cwd=tmp_path, capture_output=True)
+    assert probe.exists(), "the test's pickle should create a file when unpickled"
+
+    for resume in ("resume=true", "resume=auto"):
+        res = run_clrun([*ARGS, f"data_dir={tiny_data_dir}", f"hydra.run.dir={run_dir}", resume], tmp_path)
+        assert res.returncode == 2, res.stderr
+        assert "pickle" in res.stderr and "Traceback" not in res.stderr
+        assert not marker.exists()
+    with pytest.raises(CheckpointError, match="pickle"):
+        checkpoint.load(run_dir / checkpoint.FILENAME)
+    (run_dir / name).write_bytes(pickle.dumps(payload))  # a bare pickle, not torch's zip
+    with pytest.raises(CheckpointError):
+        checkpoint.load(run_dir / name)
+    assert not marker.exists()
+
+
+def test_an_old_format_checkpoint_counts_as_a_checkpoint_and_overwrite_replaces_it(tmp_path, tiny_data_dir):
+    import torch
+
+    torch.save({"format": 1}, tmp_path / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match="already holds the checkpoint"):
+        run_experiment(tiny(tiny_data_dir), tmp_path, console=quiet())
+    with pytest.raises(CheckpointError, match="format 1"):
+        run_experiment(tiny(tiny_data_dir, resume=True), tmp_path, console=quiet())
+    run_experiment(tiny(tiny_data_dir, overwrite=True), tmp_path, console=quiet())
+    assert not (tmp_path / "checkpoint.pt").exists() and (tmp_path / checkpoint.FILENAME).is_file()
+
+
+def _finished_run(tmp_path, tiny_data_dir):
+    run_experiment(tiny(tiny_data_dir), tmp_path, console=quiet())
+    return tmp_path / checkpoint.FILENAME
+
+
+@pytest.mark.parametrize("damage", ["16 low bits", "64 bytes", "truncated", "appended"])
+def test_a_damaged_checkpoint_fails_its_checksum(tmp_path, tiny_data_dir, damage):
+    """Flipping a few low bits of the weights used to give silently different accuracies, and
+    64 damaged bytes a NaN blamed on the learning rate: the checksum names the damage instead."""
+    path = _finished_run(tmp_path, tiny_data_dir)
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    if damage == "16 low bits":
+        for i in range(16):
+            data[middle + 4 * i] ^= 1
+    elif damage == "64 bytes":
+        data[middle:middle + 64] = os.urandom(64)
+    elif damage == "truncated":
+        data = data[:middle]
+    else:
+        data += b"\0" * 8
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt") as info:
+        checkpoint.load(path)
+    assert "checksum" in str(info.value)
+    with pytest.raises(CheckpointError, match="checksum"):
+        run_experiment(tiny(tiny_data_dir, resume=True), tmp_path, console=quiet())
+
+
+@pytest.mark.parametrize("drop", ["rng", "learner", "loop.acc_matrix", "rng.numpy"])
+def test_a_checkpoint_with_missing_keys_is_a_clean_error(tmp_path, tiny_data_dir, drop):
+    from cl_runner.utils import arrayfile
+
+    path = _finished_run(tmp_path, tiny_data_dir)
+    tree, meta = arrayfile.loads(path.read_bytes())
+    section, _, key = drop.partition(".")
+    if key:
+        del tree[section][key]
+    else:
+        del tree[section]
+    path.write_bytes(arrayfile.dumps(tree, meta))  # a valid checksum over an incomplete checkpoint
+    with pytest.raises(CheckpointError, match=f"incomplete: it lacks {drop}"):
+        checkpoint.load(path)
+    res = run_clrun([*ARGS, f"data_dir={tiny_data_dir}", f"hydra.run.dir={tmp_path}", "resume=true"], tmp_path)
+    assert res.returncode == 2 and "incomplete" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_a_checkpoint_of_another_format_number_is_refused(tmp_path, tiny_data_dir):
+    from cl_runner.utils import arrayfile
+
+    path = _finished_run(tmp_path, tiny_data_dir)
+    tree, meta = arrayfile.loads(path.read_bytes())
+    path.write_bytes(arrayfile.dumps(tree, {**meta, "format": 99}))
+    with pytest.raises(CheckpointError, match="format 99.*reads format 2"):
+        checkpoint.load(path)
+
+
+def test_the_array_file_keeps_every_type_a_state_holds_and_refuses_objects():
+    import random
+
+    import ml_dtypes
+    import torch
+
+    from cl_runner.utils import arrayfile
+
+    tree = {
+        "f32": np.arange(6, dtype=np.float32).reshape(2, 3), "fortran": np.asfortranarray(np.eye(3)),
+        "strided": np.arange(10)[::3], "bf16": np.ones(3, dtype=ml_dtypes.bfloat16), "zero_d": np.array(2.5),
+        "np_scalar": np.float32(1.5), "np_int": np.int64(-7), "np_bool": np.bool_(True),
+        "t_bf16": torch.randn(3, 2).to(torch.bfloat16), "t_bool": torch.tensor([True, False]),
+        "t_empty": torch.empty(0, 3), "t_scalar": torch.tensor(3), "generator": torch.Generator().get_state(),
+        0: {"momentum_buffer": torch.zeros(4), "step": torch.tensor(3.0)}, (1, "a"): None,
+        "python_rng": random.getstate(), "numpy_rng": np.random.get_state(),
+        "floats": [float("nan"), float("inf"), -0.0, 1e-300], "nested": [[1, 2], [], ("x", b"\x00\xff")],
+    }
+    back, meta = arrayfile.loads(arrayfile.dumps(tree, {"format": 2}))
+    assert meta == {"format": 2} and set(back) == set(tree)
+    for k, v in tree.items():
+        w = back[k]
+        assert type(w) is type(v), k
+        if isinstance(v, torch.Tensor):
+            assert w.dtype == v.dtype and torch.equal(w, v), k
+        elif isinstance(v, (np.ndarray, np.generic)):
+            assert w.dtype == v.dtype and w.shape == np.shape(v) and np.array_equal(w, v), k
+    assert back["python_rng"] == tree["python_rng"]
+    assert back["numpy_rng"][0] == "MT19937" and np.array_equal(back["numpy_rng"][1], tree["numpy_rng"][1])
+    assert np.isnan(back["floats"][0]) and back["floats"][1:] == [float("inf"), -0.0, 1e-300]
+    assert back["nested"] == [[1, 2], [], ("x", b"\x00\xff")]
+    assert back[0]["step"].item() == 3.0
+    random.setstate(back["python_rng"])
+    np.random.set_state(back["numpy_rng"])
+    torch.Generator().set_state(back["generator"])
+    for bad in (object(), {"a": [np.array([None], dtype=object)]}, {"p": Path("x")}):
+        with pytest.raises(TypeError, match="cannot be stored"):
+            arrayfile.dumps(bad)
+
+
+def test_array_bounds_in_a_forged_header_are_checked():
+    """A file whose checksum is right but whose table points outside it (a forged file): a
+    clean error, not a read past the end."""
+    import hashlib
+    import struct
+
+    from cl_runner.utils import arrayfile
+
+    header = json.dumps({"meta": {}, "tree": {"a": 0}, "arrays": [
+        {"kind": "numpy", "dtype": "<f4", "shape": [1000], "offset": 0, "nbytes": 4000}]}).encode()
+    body = header + b"\0" * 16
+    data = arrayfile.MAGIC + struct.pack("<Q", len(header)) + hashlib.sha256(body).digest() + body
+    with pytest.raises(arrayfile.ArrayFileError, match="bounds"):
+        arrayfile.loads(data)
+    header = json.dumps({"meta": {}, "tree": {"a": 0}, "arrays": [
+        {"kind": "numpy", "dtype": "|O", "shape": [1], "offset": 0, "nbytes": 8}]}).encode()
+    body = header + b"\0" * 16
+    data = arrayfile.MAGIC + struct.pack("<Q", len(header)) + hashlib.sha256(body).digest() + body
+    with pytest.raises(arrayfile.ArrayFileError, match="objects"):
+        arrayfile.loads(data)
+
+
+TORCH_ALGOS = ["agem", "der", "derpp", "er", "ewc", "ewc_online", "gdumb", "gem", "icarl", "joint", "kcl",
+               "lamaml", "lfl", "lwf", "mas", "mcsgd", "naive", "naive_rehearsal", "pnn", "si", "stable_sgd"]
+# One of each kind of JAX state (regulariser sums, replay memory, exemplars, GDumb's memory,
+# KCL's coresets, MC-SGD's, La-MAML's learnt rates), each compile taking seconds.
+JAX_ALGOS = ["ewc", "er", "icarl", "gdumb", "kcl", "mcsgd", "lamaml"]
+SMALL = {"gdumb": {"epochs": 2}, "kcl": {"coreset_size": 8}}
+
+
+@pytest.mark.parametrize("backend,name", [("torch", n) for n in TORCH_ALGOS] + [("jax", n) for n in JAX_ALGOS])
+def test_every_algorithms_state_goes_through_a_checkpoint_unchanged(tmp_path, backend, name):
+    """The learner's whole state (model, optimizer, the algorithm's parts, RNGs) after two tasks
+    survives a checkpoint written and read back: restored into a new learner, its state is the
+    same array for array."""
+    if backend == "jax":
+        pytest.importorskip("jax")
+    from cl_runner import catalog
+    from cl_runner.config import validate_config
+    from cl_runner.core.loop import ContinualLoop
+    from cl_runner.registry import ALGORITHMS
+    from cl_runner.utils import arrayfile
+
+    from test_jax_backend import tiny_stream
+
+    catalog.load()
+    be = catalog.load_backend(backend)
+    scenario = (ALGORITHMS.meta(name).get("scenarios") or ["class_il"])[0]
+    typed, _ = validate_config({"algo": {"name": name, **SMALL.get(name, {})}, "backend": {"name": backend},
+                                "backbone": {"width": 8, "n_hidden_layers": 1},
+                                "benchmark": {"batch_size": 8, "scenario": scenario}})
+    stream = tiny_stream(2, scenario)
+    learner = be.build_learner(typed, stream, be.resolve_device("cpu"), 0)
+    loop = ContinualLoop(learner, stream, [])
+    loop.run()
+    checkpoint.save(tmp_path / checkpoint.FILENAME, learner, loop.state, {"seed": 0})
+    payload = checkpoint.load(tmp_path / checkpoint.FILENAME)
+    other = be.build_learner(typed, stream, be.resolve_device("cpu"), 1)
+    from cl_runner.core.loop import LoopState
+
+    checkpoint.restore(payload, other, LoopState(2), {"seed": 0}, tmp_path)
+
+    def leaves(tree, prefix=""):
+        if isinstance(tree, dict):
+            for k, v in tree.items():
+                yield from leaves(v, f"{prefix}{k}.")
+        elif isinstance(tree, (list, tuple)):
+            for i, v in enumerate(tree):
+                yield from leaves(v, f"{prefix}{i}.")
+        else:
+            yield prefix, tree
+
+    import torch
+
+    def plain(v):
+        if isinstance(v, torch.Tensor):
+            return (v.float() if v.dtype == torch.bfloat16 else v).numpy()
+        return v
+
+    # Compare as the checkpoint stores them: both states through the same encoder.
+    a = dict(leaves(arrayfile.loads(arrayfile.dumps(learner.state_dict()))[0]))
+    b = dict(leaves(arrayfile.loads(arrayfile.dumps(other.state_dict()))[0]))
+    assert a.keys() == b.keys()
+    for k in a:
+        x, y = plain(a[k]), plain(b[k])
+        if isinstance(x, (np.ndarray, np.generic)):
+            assert x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y, equal_nan=True), k
+        else:
+            assert x == y or (x != x and y != y), k
