@@ -462,3 +462,140 @@ def test_every_algorithms_state_goes_through_a_checkpoint_unchanged(tmp_path, ba
             assert x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y, equal_nan=True), k
         else:
             assert x == y or (x != x and y != y), k
+
+
+# -- 4. the stream cache validates what it loads --------------------------------------------------
+def _bcfg(**kw):
+    from cl_runner.config import validate_config
+
+    return validate_config({"benchmark": {"num_tasks": 2, "cache": True, **kw}})[0].benchmark
+
+
+def _build(data_dir, cache_dir, **kw):
+    from cl_runner.benchmarks import build_stream
+
+    return build_stream(_bcfg(**kw), 0, data_dir, cache_dir)
+
+
+def _same_stream(a, b):
+    assert a.num_outputs == b.num_outputs and a.input_shape == b.input_shape
+    for x, y in zip(a.tasks, b.tasks):
+        for part in ("train_x", "train_y", "test_x", "test_y", "classes"):
+            np.testing.assert_array_equal(np.asarray(getattr(x, part)), np.asarray(getattr(y, part)))
+
+
+def _rewrite(entry, name, array):
+    """Replace a cache file by ``array`` and record its new size and checksum in meta.json, as a
+    faulty writer would have: only the range checks can catch what it holds."""
+    import hashlib
+
+    np.save(entry / name, array)
+    meta = json.loads((entry / "meta.json").read_text())
+    data = (entry / name).read_bytes()
+    meta["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (entry / "meta.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("kw", [dict(name="rotatedmnist"), dict(name="rotatedmnist", rotation_jitter=True)],
+                         ids=["planned", "stored"])
+@pytest.mark.parametrize("damage", ["null meta", "empty list meta", "zero-byte npy", "flipped byte",
+                                    "labels out of range", "index out of range", "rows out of range",
+                                    "missing file"])
+def test_a_damaged_cache_entry_is_deleted_and_rebuilt_with_one_line(tiny_data_dir, tmp_path, capfd, kw, damage):
+    """Each of these was a TypeError, EOFError or IndexError (at training time), and the bad entry
+    stayed: now the entry is checked on load, and a damaged one is rebuilt, saying so once."""
+    fresh = _build(tiny_data_dir, None, **{**kw, "cache": False})
+    _build(tiny_data_dir, tmp_path, **kw)
+    (entry,) = (tmp_path / "streams").iterdir()
+    meta = json.loads((entry / "meta.json").read_text())
+    planned = bool(meta["bases"])
+    if damage in ("index out of range", "rows out of range") and not planned:
+        pytest.skip("only a planned entry has pixel indices")
+    labels = "task1_train_y.npy"
+    if damage == "null meta":
+        (entry / "meta.json").write_text("null")
+    elif damage == "empty list meta":
+        (entry / "meta.json").write_text("[]")
+    elif damage == "zero-byte npy":
+        (entry / labels).write_bytes(b"")
+    elif damage == "flipped byte":
+        name = "base_train.npy" if planned else "task1_train_x.npy"
+        data = bytearray((entry / name).read_bytes())
+        data[len(data) // 2] ^= 0x10
+        (entry / name).write_bytes(bytes(data))
+    elif damage == "labels out of range":
+        y = np.load(entry / labels)
+        y[3] = 10
+        _rewrite(entry, labels, y)
+    elif damage == "index out of range":
+        index = np.load(entry / "task1_train_x_index.npy")
+        index[5] = 28 * 28
+        _rewrite(entry, "task1_train_x_index.npy", index)
+    elif damage == "rows out of range":
+        if not (entry / "task1_train_x_rows.npy").exists():
+            _rewrite(entry, "task1_train_x_rows.npy", np.arange(5, dtype=np.int64) + 10**6)
+            meta = json.loads((entry / "meta.json").read_text())
+            meta["tasks"][1]["gathered"]["train_x"]["rows"] = True
+            (entry / "meta.json").write_text(json.dumps(meta))
+    else:
+        (entry / labels).unlink()
+    capfd.readouterr()
+    again = _build(tiny_data_dir, tmp_path, **kw)
+    err = capfd.readouterr().err
+    assert len([line for line in err.splitlines() if "is damaged" in line]) == 1, err
+    assert "deleted and built again" in err
+    _same_stream(again, fresh)
+    # The rebuilt entry is whole: the next build loads it without a word.
+    third = _build(tiny_data_dir, tmp_path, **kw)
+    assert "damaged" not in capfd.readouterr().err
+    _same_stream(third, fresh)
+
+
+def test_cache_files_are_flushed_before_the_entry_is_renamed_into_place(tiny_data_dir, tmp_path, monkeypatch):
+    from cl_runner.benchmarks import builder
+
+    synced, events = set(), []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd):
+        synced.add(os.path.realpath(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    def rename(src, dst):
+        events.append(("rename", set(synced), str(src)))
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(builder.os, "fsync", fsync)
+    monkeypatch.setattr(builder.os, "rename", rename)
+    _build(tiny_data_dir, tmp_path, name="rotatedmnist")
+    (entry,) = (tmp_path / "streams").iterdir()
+    ((_, before, tmp),) = events
+    names = {os.path.basename(p) for p in before if p.startswith(os.path.realpath(tmp))}
+    assert names >= {p.name for p in entry.iterdir()}  # every file, meta.json included
+    assert os.path.realpath(tmp) in before  # and the folder itself
+
+
+def test_stale_temporary_folders_of_killed_writers_are_removed(tiny_data_dir, tmp_path):
+    """A writer killed mid-write leaves a .tmp- folder; the next write removes it, but never the
+    folder of a writer still at work (it holds a lock in it)."""
+    streams = tmp_path / "streams"
+    dead, alive = streams / ".tmp-dead", streams / ".tmp-alive"
+    for d in (dead, alive):
+        d.mkdir(parents=True)
+        (d / ".writer.lock").touch()
+        (d / "task0_train_x.npy").write_bytes(b"half")
+    old = streams / ".tmp-old-clrun"  # an older clrun's folder, without a lock file
+    old.mkdir()
+    os.utime(old, (time.time() - 2 * 86400,) * 2)
+    writer = subprocess.Popen([sys.executable, "-c",
+                               "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); "
+                               "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(120)",
+                               str(alive / ".writer.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "locked"
+        _build(tiny_data_dir, tmp_path, name="rotatedmnist")
+        assert not dead.exists() and not old.exists()
+        assert alive.exists()
+    finally:
+        writer.kill()
+        writer.wait()
