@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from cl_runner.errors import CheckpointError
+from cl_runner.errors import CheckpointError, CheckpointExistsError
 from cl_runner.utils import arrayfile
 from cl_runner.utils.io import atomic_write_bytes
 
@@ -34,6 +34,9 @@ SECTIONS = ("config", "learner", "loop", "rng")
 # Keys that do not change the numbers a run produces; they may differ on resume.
 NEUTRAL_KEYS = {"resume", "overwrite", "progress", "loggers", "data_dir", "cache_dir", "results_file",
                 "checkpoint", "threads", "wandb", "expected", "source", "version", "objective"}
+# Keys inside sections that cannot change the numbers either: whether the stream is cached, the
+# evaluation batch size, how often progress is shown.
+NEUTRAL_PATHS = {"benchmark.cache", "benchmark.eval_batch_size", "training.progress_every"}
 
 
 def _torch_rng() -> dict[str, Any]:
@@ -85,7 +88,7 @@ def load(path: Path) -> dict[str, Any]:
             raise CheckpointError(_legacy_message(legacy))
         raise CheckpointError(f"no checkpoint to resume from at {path}. resume=true continues the run "
                               f"in this run's directory (set hydra.run.dir=<old run dir>); "
-                              f"resume=<old run dir> continues that run here.")
+                              f"\"resume='<old run dir>'\" continues that run here.")
     try:
         data = path.read_bytes()
     except OSError as ex:
@@ -139,12 +142,12 @@ def resume_source(out: Path, resume, overwrite: bool = False) -> Path | None:
     if resume:
         source = checkpoint_in(resume)
         if own.is_file() and not overwrite and source.resolve() != own.resolve():
-            raise CheckpointError(f"{out} already holds the checkpoint of another run, which continuing "
+            raise CheckpointExistsError(f"{out} already holds the checkpoint of another run, which continuing "
                                   f"{source} here would replace. Choose another folder with "
                                   f"hydra.run.dir=<dir>, or add overwrite=true to replace it.")
         return source
     if own.is_file() and not overwrite:
-        raise CheckpointError(f"{out} already holds the checkpoint of an earlier run, which this run "
+        raise CheckpointExistsError(f"{out} already holds the checkpoint of an earlier run, which this run "
                               f"would replace. Add resume=true to continue that run (resume=auto: "
                               f"continue when a checkpoint exists, else start), or overwrite=true to "
                               f"start again and replace it.")
@@ -159,6 +162,10 @@ def clear_run(out: Path, results_file: str) -> None:
             (Path(out) / name).unlink()
         except FileNotFoundError:
             pass
+
+
+def _neutral(key: str) -> bool:
+    return key.split(".")[0] in NEUTRAL_KEYS or key in NEUTRAL_PATHS
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -189,8 +196,8 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     """The keys whose values differ between a checkpoint's config and the current one. A key
     the checkpoint's config lacks (one added to clrun after the checkpoint was written) counts
     only when the current value is not its default, the behaviour the checkpoint was made with."""
-    a = {k: v for k, v in _flatten(saved).items() if k.split(".")[0] not in NEUTRAL_KEYS}
-    b = {k: v for k, v in _flatten(current).items() if k.split(".")[0] not in NEUTRAL_KEYS}
+    a = {k: v for k, v in _flatten(saved).items() if not _neutral(k)}
+    b = {k: v for k, v in _flatten(current).items() if not _neutral(k)}
     diff = [k for k in set(a) | set(b) if a.get(k) != b.get(k)]
     if any(k not in a for k in diff):
         defaults = schema_defaults(current)
@@ -198,13 +205,19 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     return sorted(diff)
 
 
-def restore(payload: dict, learner, loop_state, config: dict, path: Path) -> None:
+def check_config(payload: dict, config: dict, path: Path) -> None:
+    """A CheckpointError naming the keys (up to 8) whose values differ between the checkpoint's
+    config and ``config``, if any."""
     diff = config_differences(payload["config"], config)
     if diff:
         shown = ", ".join(f"{k} ({_flatten(payload['config']).get(k)!r} -> {_flatten(config).get(k)!r})"
                           for k in diff[:8])
         raise CheckpointError(f"checkpoint {path} was made with a different config: {shown}. "
                               f"Resume with the same config, or start a new run without resume.")
+
+
+def restore(payload: dict, learner, loop_state, config: dict, path: Path) -> None:
+    check_config(payload, config, path)
     try:
         learner.load_state_dict(payload["learner"])
     except Exception as ex:  # noqa: BLE001

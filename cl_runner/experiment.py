@@ -21,6 +21,7 @@ from cl_runner.catalog import load_backend
 from cl_runner.config import validate_config
 from cl_runner.core.callbacks import Callback
 from cl_runner.core.loop import ContinualLoop
+from cl_runner.errors import CheckpointExistsError, Terminated, WriteError
 from cl_runner.registry import ALGORITHMS, BACKBONES, PLUGINS
 from cl_runner.sweeps import usable_cores
 from cl_runner.utils.io import atomic_write_json, check_writable
@@ -52,7 +53,30 @@ def run_experiment(cfg: DictConfig | dict, output_dir: str | os.PathLike, consol
     """
     out = check_writable(output_dir)
     with run_dir_lock(out):
-        return _run_experiment(cfg, out, console, callbacks, cpu_count)
+        try:
+            return _run_experiment(cfg, out, console, callbacks, cpu_count)
+        except CheckpointExistsError:
+            raise  # the folder is an earlier run's: its event log is not this run's to write
+        except Exception as ex:
+            record_error(out, ex)
+            raise
+
+
+def record_error(out: Path, ex: BaseException) -> None:
+    """Append an ``error`` event naming ``ex`` to the run folder's events.jsonl (best effort: a
+    full disk may be what went wrong)."""
+    import json
+
+    line = json.dumps({"event": "error", "time": time.time(), "type": type(ex).__name__,
+                       "message": str(ex)}) + "\n"
+    try:
+        fd = os.open(Path(out) / "events.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
 
 
 def _run_experiment(cfg, out: Path, console: Console | None, callbacks, cpu_count) -> dict:
@@ -71,7 +95,11 @@ def _run_experiment(cfg, out: Path, console: Console | None, callbacks, cpu_coun
         return run_seeds(typed, out, console, err_console, callbacks, cpu_count, t_start)
     ckpt_path = Path(out) / checkpoint.FILENAME
     source = checkpoint.resume_source(out, typed.resume, typed.overwrite)  # before loading any data
-    if typed.overwrite and source is None:
+    config = OmegaConf.to_container(typed, resolve=True)
+    if source is not None:
+        payload = checkpoint.load(source)
+        checkpoint.check_config(payload, config, source)
+    elif typed.overwrite:
         checkpoint.clear_run(out, typed.results_file)
     device = backend.resolve_device(typed.device)
     seed = int(typed.seed)
@@ -87,19 +115,21 @@ def _run_experiment(cfg, out: Path, console: Console | None, callbacks, cpu_coun
     learner = backend.build_learner(typed, stream, device, seed)
     if device.type == "cpu" and hasattr(learner, "set_threads"):
         learner.set_threads(train_threads, eval_threads)
-    config = OmegaConf.to_container(typed, resolve=True)
     loggers = build_loggers([n for n in typed.loggers if n != "console"], out, typed)
     cbs = [RichProgress(err_console, live=typed.progress)] if "console" in typed.loggers else []
     cbs += [*loggers, *(callbacks or [])]
     if typed.checkpoint:
-        cbs.append(CheckpointCallback(ckpt_path, config))
+        cbs.append(CheckpointCallback(ckpt_path, config, err_console))
     loop = ContinualLoop(learner, stream, cbs, epochs_per_task=typed.training.epochs_per_task,
                          eval_on=typed.training.eval_on, eval_initial=typed.training.eval_initial,
                          eval_task_il=typed.training.eval_task_il)
     if source is not None:
-        checkpoint.restore(checkpoint.load(source), learner, loop.state, config, source)
+        checkpoint.restore(payload, learner, loop.state, config, source)
+        del payload
         err_console.print(f"resuming after task {loop.state.completed_tasks} of {stream.num_tasks} "
                           f"from {source}", highlight=False)
+        for logger in loggers:
+            logger.log_event("resume", {"from": str(source), "completed_tasks": loop.state.completed_tasks})
     try:
         with _sigterm_as_interrupt():
             state = loop.run()
@@ -108,8 +138,8 @@ def _run_experiment(cfg, out: Path, console: Console | None, callbacks, cpu_coun
             cb.on_interrupt(loop)
         if isinstance(ex, KeyboardInterrupt) and typed.checkpoint and loop.state.completed_tasks:
             err_console.print(f"interrupted during task {loop.state.completed_tasks + 1}; the checkpoint "
-                              f"after task {loop.state.completed_tasks} is in {out}. Continue with: "
-                              f"clrun <same overrides> resume={out}", highlight=False)
+                              f"after task {loop.state.completed_tasks} is in {out} (resume=true with that "
+                              f"folder as the run directory continues it).", highlight=False)
         raise
 
     results = collect_results(typed, state, learner, device, backend, stream, config, data_time, t_start,
@@ -170,14 +200,23 @@ def collect_results(typed, state, learner, device, backend, stream, config: dict
 
 
 class CheckpointCallback(Callback):
-    """Writes the checkpoint after every task (atomically)."""
+    """Writes the checkpoint after every task (atomically). When the one after the last task
+    cannot be written (a full disk), the run goes on to write its results, which need less
+    room, and says so."""
 
-    def __init__(self, path: Path, config: dict):
+    def __init__(self, path: Path, config: dict, err_console: Console | None = None):
         self.path = path
         self.config = config
+        self.err_console = err_console or Console(stderr=True)
 
     def on_after_task(self, loop, task) -> None:
-        checkpoint.save(self.path, loop.learner, loop.state, self.config)
+        try:
+            checkpoint.save(self.path, loop.learner, loop.state, self.config)
+        except WriteError as ex:
+            if task.id != loop.stream.num_tasks - 1:
+                raise
+            self.err_console.print(f"[yellow]warning:[/yellow] {ex} The run is complete; its results "
+                                   f"are written next.", highlight=False)
 
 
 @contextlib.contextmanager
@@ -189,7 +228,7 @@ def _sigterm_as_interrupt():
         return
 
     def handler(signum, frame):
-        raise KeyboardInterrupt
+        raise Terminated
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:

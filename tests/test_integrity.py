@@ -599,3 +599,242 @@ def test_stale_temporary_folders_of_killed_writers_are_removed(tiny_data_dir, tm
     finally:
         writer.kill()
         writer.wait()
+
+
+# -- 2. what a config file may execute ------------------------------------------------------------
+EVIL = """# @package _global_
+hydra:
+  callbacks:
+    evil:
+      _target_: builtins.open
+      file: {marker}
+      mode: w
+"""
+
+
+@pytest.mark.parametrize("group", ["expected", "sweep"])
+def test_hydra_callbacks_from_an_experiment_or_sweep_file_are_refused(tmp_path, tiny_data_dir, group):
+    """A file loaded with +expected= / +sweep= that sets hydra.callbacks (which Hydra instantiates:
+    here, a call that creates a file) is refused unless --allow-config-code is given."""
+    marker = tmp_path / "created-by-the-callback"
+    conf = tmp_path / "conf"
+    (conf / group).mkdir(parents=True)
+    body = EVIL.format(marker=marker)
+    if group == "sweep":
+        body += "  sweeper:\n    params:\n      seed: 0\n"
+    (conf / group / "evil.yaml").write_text(body)
+    args = ["--config-dir", str(conf), f"+{group}=evil", *ARGS, f"data_dir={tiny_data_dir}", "checkpoint=false",
+            f"hydra.run.dir={tmp_path / 'run'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    if group == "sweep":
+        args = ["-m", *args]
+    refused = run_clrun(args, tmp_path)
+    assert refused.returncode == 2, refused.stderr
+    message = " ".join(refused.stderr.split())
+    assert f"+{group}=evil sets hydra.callbacks" in message and "--allow-config-code" in message
+    assert "a config file is code" in message.lower()
+    assert not marker.exists() and not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()
+    allowed = run_clrun(["--allow-config-code", *args], tmp_path)
+    assert allowed.returncode == 0, allowed.stderr
+    assert marker.exists()  # the file really was code: with the flag, Hydra ran it
+
+
+def test_callbacks_typed_on_the_command_line_are_the_users_own(tmp_path, tiny_data_dir):
+    marker = tmp_path / "mine"
+    res = run_clrun([*ARGS, f"data_dir={tiny_data_dir}", f"hydra.run.dir={tmp_path / 'run'}",
+                     "+hydra.callbacks.mine._target_=builtins.open", f"+hydra.callbacks.mine.file={marker}",
+                     "+hydra.callbacks.mine.mode=w"], tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert marker.exists()
+
+
+# -- 7. printed recovery commands parse and work --------------------------------------------------
+def _wait_for(path, proc, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline and not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before {path} appeared: {proc.communicate()}")
+        time.sleep(0.05)
+    assert path.exists()
+
+
+def _wait_for_glob(folder, pattern, proc, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline and not list(folder.glob(pattern)):
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before {pattern} appeared: {proc.communicate()}")
+        time.sleep(0.05)
+    assert list(folder.glob(pattern))
+
+
+def _printed_command(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.startswith("continue with: ")]
+    assert len(lines) == 1, stderr
+    command = lines[0].removeprefix("continue with: ")
+    assert command.startswith("clrun ")
+    return command
+
+
+def _run_printed(command: str, cwd) -> subprocess.CompletedProcess:
+    """Run a printed ``clrun ...`` line through a shell, as a user pasting it would."""
+    line = f"{sys.executable} -m cl_runner.cli {command.removeprefix('clrun ')}"
+    return subprocess.run(["bash", "-c", line], cwd=cwd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "COLUMNS": "200"})
+
+
+SLOW_ARGS = ["benchmark=rotatedmnist", "benchmark.num_tasks=4", "algo=ewc", "loggers=[jsonl,csv]",
+             "benchmark.batch_size=4", "benchmark.eval_batch_size=200", "backbone.width=32", "progress=false"]
+
+
+def test_the_command_printed_after_sigterm_continues_a_run_in_a_folder_hydra_must_quote(tmp_path, tiny_data_dir):
+    """A folder named like a sweep job (``algo=naive,seed=0``) needs quoting for Hydra; the printed
+    command quotes it, runs as printed, and finishes the run as an uninterrupted one would. The
+    run stopped by SIGTERM exits 143 and records the interruption in cli.log."""
+    run_dir = tmp_path / "algo=naive,seed=0"
+    common = [*SLOW_ARGS, f"data_dir={tiny_data_dir}"]
+    reference = run_clrun([*common, f"hydra.run.dir={tmp_path / 'reference'}"], tmp_path)
+    assert reference.returncode == 0, reference.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "cl_runner.cli", *common, f"hydra.run.dir='{run_dir}'"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "COLUMNS": "200"})
+    _wait_for(run_dir / checkpoint.FILENAME, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before SIGTERM arrived (a very fast machine)")
+    assert proc.returncode == 143, err
+    command = _printed_command(err)
+    assert f"\"hydra.run.dir='{run_dir}'\"" in command and command.endswith("resume=true")
+    assert "continue with: " + command in (run_dir / "cli.log").read_text()
+    done = _run_printed(command, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "resuming after task" in done.stderr
+    a, b = read_results(tmp_path / "reference"), read_results(run_dir)
+    assert b["resumed"] is True and a["acc_matrix"] == b["acc_matrix"]
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    (resume,) = [e for e in events if e["event"] == "resume"]
+    assert resume["completed_tasks"] >= 1 and resume["from"] == str(run_dir / checkpoint.FILENAME)
+
+
+def test_the_command_printed_after_an_interrupted_sweep_finishes_it(tmp_path, tiny_data_dir):
+    sweep_dir = tmp_path / "sweep"
+    common = ["-m", *SLOW_ARGS, f"data_dir={tiny_data_dir}", "algo=naive,ewc", f"hydra.sweep.dir={sweep_dir}"]
+    proc = subprocess.Popen([sys.executable, "-m", "cl_runner.cli", *common], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "COLUMNS": "200"})
+    _wait_for_glob(sweep_dir, f"algo=naive,*/{checkpoint.FILENAME}", proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the sweep finished before SIGTERM arrived")
+    assert proc.returncode == 143, err
+    command = _printed_command(err)
+    assert command.startswith("clrun -m ") and command.endswith("resume=auto")
+    done = _run_printed(command, tmp_path)
+    assert done.returncode == 0, done.stderr
+    jobs = sorted(p.parent.name.split(",")[0] for p in sweep_dir.glob("*/results.json"))
+    assert jobs == ["algo=ewc", "algo=naive"]
+    assert "resuming after task" in done.stderr  # the interrupted job continued
+
+
+@pytest.mark.parametrize("value", ["/tmp/a=b,seed=0", "/tmp/it's", "/tmp/back\\slash", "/tmp/sp ace",
+                                   "/tmp/q\\'x", "/tmp/end\\", "/tmp/$HOME/`x`!"])
+def test_quoted_values_survive_the_shell_and_hydra(value):
+    """What the recovery command does to a folder: quoted for Hydra, then for the shell; the
+    shell and Hydra's parser give the folder back unchanged."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from cl_runner.cli import hydra_value, quote_arg
+
+    arg = quote_arg(f"hydra.run.dir={hydra_value(value)}")
+    echoed = subprocess.run(["bash", "-c", f"printf '%s' {arg}"], capture_output=True, text=True).stdout
+    (o,) = OverridesParser.create().parse_overrides([echoed])
+    assert o.value() == value
+
+
+# -- 8. a full disk -------------------------------------------------------------------------------
+def _full_disk_for(names):
+    """A stand-in for the low-level write that fails with ENOSPC for files named in ``names``."""
+    import errno
+
+    from cl_runner.utils import io as clio
+
+    real = clio._write_fd
+
+    def write(fd, data, path):
+        if Path(path).name in names:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data, path)
+
+    return write
+
+
+def test_a_full_disk_is_a_clean_error_naming_the_file_and_the_space_left(tmp_path, tiny_data_dir, monkeypatch):
+    from cl_runner.errors import WriteError
+    from cl_runner.utils import io as clio
+
+    monkeypatch.setattr(clio, "_write_fd", _full_disk_for({"results.json"}))
+    cfg = tiny(tiny_data_dir, loggers=["jsonl", "csv", "plots"])
+    with pytest.raises(WriteError) as info:
+        run_experiment(cfg, tmp_path, console=quiet())
+    message = str(info.value)
+    assert str(tmp_path / "results.json") in message and "the disk is full" in message and " free in " in message
+    assert isinstance(info.value, ClrunError) and isinstance(info.value, OSError)
+    # Nothing half-written: no results file, no temporary file, and the plots (written after the
+    # results) were not attempted.
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".results")) == []
+    assert not (tmp_path / "results.json").exists() and not (tmp_path / "acc_matrix.png").exists()
+    error = json.loads((tmp_path / "events.jsonl").read_text().splitlines()[-1])
+    assert error["event"] == "error" and error["type"] == "WriteError" and "results.json" in error["message"]
+
+
+def test_a_full_disk_at_the_plots_leaves_the_results_written(tmp_path, tiny_data_dir, monkeypatch):
+    from cl_runner.errors import WriteError
+    from cl_runner.utils import io as clio
+
+    monkeypatch.setattr(clio, "_write_fd", _full_disk_for({"acc_matrix.png"}))
+    with pytest.raises(WriteError, match="acc_matrix.png"):
+        run_experiment(tiny(tiny_data_dir, loggers=["plots"]), tmp_path, console=quiet())
+    assert read_results(tmp_path)["avg_acc"] is not None
+
+
+def test_a_full_disk_at_the_last_checkpoint_still_writes_the_results(tmp_path, tiny_data_dir, monkeypatch):
+    from cl_runner.utils import io as clio
+
+    calls = []
+    full = _full_disk_for({checkpoint.FILENAME})
+    real = clio._write_fd
+
+    def write(fd, data, path):
+        if Path(path).name == checkpoint.FILENAME:
+            calls.append(path)
+            if len(calls) == 2:  # the checkpoint after the last of the two tasks
+                return full(fd, data, path)
+        return real(fd, data, path)
+
+    monkeypatch.setattr(clio, "_write_fd", write)
+    res = run_experiment(tiny(tiny_data_dir), tmp_path, console=quiet())
+    assert read_results(tmp_path)["avg_acc"] == res["avg_acc"]
+    assert checkpoint.load(tmp_path / checkpoint.FILENAME)["loop"]["completed_tasks"] == 1
+
+
+def test_a_full_disk_through_the_command_line_exits_2_and_logs_the_error(tmp_path, tiny_data_dir):
+    run_dir = tmp_path / "run"
+    script = ("import errno, os, sys\n"
+              "from pathlib import Path\n"
+              "from cl_runner.utils import io as clio\n"
+              "real = clio._write_fd\n"
+              "def write(fd, data, path):\n"
+              "    if Path(path).name == 'results.json':\n"
+              "        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n"
+              "    return real(fd, data, path)\n"
+              "clio._write_fd = write\n"
+              "from cl_runner.cli import main\n"
+              "sys.argv = ['clrun', *sys.argv[1:]]\n"
+              "main()\n")
+    res = subprocess.run([sys.executable, "-c", script, *ARGS, f"data_dir={tiny_data_dir}",
+                          f"hydra.run.dir={run_dir}"], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "COLUMNS": "300"})
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr and "the disk is full" in res.stderr
+    assert "error: could not write" in (run_dir / "cli.log").read_text()
+    assert json.loads((run_dir / "events.jsonl").read_text().splitlines()[-1])["event"] == "error"

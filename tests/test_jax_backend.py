@@ -583,7 +583,7 @@ def test_diverging_loss_names_task_epoch_and_first_bad_step():
     x = np.array(jl.train_x)
     x[7] = np.nan  # sample 7 poisons its step's loss and, through the update, every later one
     jl.train_x = jl.put(x)
-    with pytest.raises(TrainingDivergedError, match=r"task 1 \(of 2\), epoch 3, step \d+") as info:
+    with pytest.raises(TrainingDivergedError, match=r"task 2 \(of 2\), epoch 4, step \d+") as info:
         jl.train_epoch(task, 3)
     assert "nan" in str(info.value)
     step = int(re.search(r"step (\d+)", str(info.value)).group(1))

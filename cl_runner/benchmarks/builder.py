@@ -116,7 +116,7 @@ def build_stream(bcfg, seed: int, data_dir=None, cache_dir=None, use_cache: bool
     path = root / "streams" / cache_key(bcfg, seed, source)
     if use_cache and source is not None and (path / "meta.json").is_file():
         try:
-            return load_cached(path)
+            return _warn_clipped_subsets(load_cached(path), bcfg)
         except Exception as ex:  # noqa: BLE001 - whatever is wrong with an entry, it is rebuilt
             reason = str(ex) if isinstance(ex, CacheError) else f"{type(ex).__name__}: {ex}"
             print(f"clrun: the cached stream {path} is damaged ({reason}); it is deleted and built again.",
@@ -139,6 +139,20 @@ def build_stream(bcfg, seed: int, data_dir=None, cache_dir=None, use_cache: bool
             save_cached(stream, path)
         except OSError:
             pass  # a read-only cache is not an error; the next run builds again
+    return _warn_clipped_subsets(stream, bcfg)
+
+
+def _warn_clipped_subsets(stream: Stream, bcfg) -> Stream:
+    """Say so when ``subset`` / ``test_subset`` asks for more samples than a task has (the task
+    then uses all of its samples)."""
+    for key, n, sizes in (("subset", bcfg.subset, [t.num_train for t in stream.tasks]),
+                          ("test_subset", bcfg.test_subset, [t.num_test for t in stream.tasks])):
+        short = [(i + 1, size) for i, size in enumerate(sizes) if n is not None and size < n]
+        if short:
+            which = ", ".join(f"task {i} has {size}" for i, size in short[:5]) + (", ..." if len(short) > 5 else "")
+            print(f"warning: benchmark.{key}={n} is more than some tasks have ({which}); those tasks use "
+                  f"all their samples. Set benchmark.{key} to at most {min(s for _, s in short)} to "
+                  f"draw the same number from every task.", file=sys.stderr, flush=True)
     return stream
 
 

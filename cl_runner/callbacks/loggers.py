@@ -46,6 +46,8 @@ class MetricLogger(Callback):
     def log_epoch(self, task: int, epoch: int, metrics: dict) -> None: ...
     def log_task(self, task: int, metrics: dict, acc_matrix: np.ndarray) -> None: ...
     def log_final(self, results: dict) -> None: ...
+    def log_event(self, event: str, payload: dict) -> None:
+        """Another event of the run (``resume``); loggers that keep a log record it."""
     def close(self) -> None: ...
 
     # -- plumbing ----------------------------------------------------------------------------
@@ -115,7 +117,15 @@ class JsonlLogger(MetricLogger):
         if self._fd is None:
             return
         line = json.dumps({"event": event, "time": time.time(), **to_jsonable(payload)}) + "\n"
-        os.write(self._fd, line.encode())  # one write per complete line: never a torn line
+        try:
+            os.write(self._fd, line.encode())  # one write per complete line: never a torn line
+        except OSError as ex:
+            from cl_runner.utils.io import write_error
+
+            raise write_error(self.path, ex) from None
+
+    def log_event(self, event, payload):
+        self._write(event, payload)
 
     def log_train(self, step, metrics):
         self._write("train", {"step": step, **metrics})
@@ -198,9 +208,11 @@ def accuracy_figures(acc_matrix: np.ndarray):
 
 @CALLBACKS.register("plots", summary="acc_matrix.png heatmap and acc_over_time.png lines (matplotlib)")
 class PlotLogger(MetricLogger):
-    def log_task(self, task, metrics, acc_matrix):
-        if task == acc_matrix.shape[0] - 1:
-            self._save(acc_matrix)
+    """Draws the final accuracy matrix once the run's results are written (results.json first:
+    on a nearly full disk the numbers matter more than their pictures)."""
+
+    def log_final(self, results):
+        self._save(np.asarray(results["acc_matrix"], dtype=float))
 
     def _save(self, acc_matrix):
         import io
