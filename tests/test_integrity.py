@@ -838,3 +838,174 @@ def test_a_full_disk_through_the_command_line_exits_2_and_logs_the_error(tmp_pat
     assert "Traceback" not in res.stderr and "the disk is full" in res.stderr
     assert "error: could not write" in (run_dir / "cli.log").read_text()
     assert json.loads((run_dir / "events.jsonl").read_text().splitlines()[-1])["event"] == "error"
+
+
+# -- 9. values checked at config time, the same on both backends ----------------------------------
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+@pytest.mark.parametrize("section, key, value, words", [
+    ("optimizer", "lr", float("nan"), "optimizer.lr' must be a positive number"),
+    ("optimizer", "lr", float("inf"), "optimizer.lr' must be a positive number"),
+    ("optimizer", "momentum", -0.5, "optimizer.momentum' must be a finite number >= 0"),
+    ("optimizer", "weight_decay", -1e-4, "optimizer.weight_decay' must be a finite number >= 0"),
+    ("optimizer", "grad_clip_norm", 0.0, "optimizer.grad_clip_norm' must be a positive number"),
+    ("optimizer", "grad_clip_norm", -1.0, "optimizer.grad_clip_norm' must be a positive number"),
+    ("optimizer", "lr_decay", -0.8, "optimizer.lr_decay' must be a positive number"),
+    ("optimizer", "betas", [0.9, 1.0], "optimizer.betas' must be two numbers in [0, 1)"),
+    ("optimizer", "betas", [-0.1, 0.999], "optimizer.betas' must be two numbers in [0, 1)"),
+    ("backbone", "width", 0, "backbone.width' must be a positive number"),
+    ("backbone", "n_hidden_layers", -1, "backbone.n_hidden_layers' must be a finite number >= 0"),
+    (None, "seed", -1, "'seed' must be an integer in [0, 2**32)"),
+])
+def test_bad_values_are_config_errors_on_both_backends(backend, section, key, value, words):
+    from cl_runner.config import validate_config
+
+    cfg = {"backend": {"name": backend}}
+    if section:
+        cfg[section] = {key: value}
+    else:
+        cfg[key] = value
+    with pytest.raises(ConfigError) as info:
+        validate_config(cfg)
+    assert words in str(info.value)
+
+
+def test_a_bad_value_stops_the_command_before_any_data_is_read(tmp_path):
+    res = run_clrun(["optimizer.momentum=-0.5", "backend=jax", f"data_dir={tmp_path / 'no-data'}",
+                     f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert res.returncode == 2 and "optimizer.momentum" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "run").exists()
+
+
+# -- 10. what used to be tracebacks --------------------------------------------------------------
+def test_a_yaml_syntax_error_names_file_line_and_column(tmp_path):
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "bad.yaml").write_text("defaults:\n  - benchmark: splitmnist\nalgo:\n  name: ewc\n"
+                                   "  ewc_lambda: [1, 2\nseed: 1\n")
+    res = run_clrun(["--config-dir", str(conf), "--config-name", "bad"], tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    message = " ".join(res.stderr.split())
+    assert f"YAML syntax error in {conf / 'bad.yaml'}, line 6, column 5" in message
+    assert "started at line 5, column 15" in message
+
+
+def test_a_broken_sweep_file_names_line_and_column(tmp_path):
+    from cl_runner import sweeps
+
+    (tmp_path / "sweeps").mkdir()
+    (tmp_path / "sweeps" / "broken.yaml").write_text("hydra:\n  sweeper:\n    params: {seed: 0,1\n")
+    (tmp_path / "expected").mkdir()
+    sweeps.register_sweep_files(tmp_path / "sweeps", tmp_path / "expected")
+    message = sweeps.broken_sweep_file("broken")
+    assert "line 4, column 1" in message and str(tmp_path / "sweeps" / "broken.yaml") in message
+
+
+def test_config_dir_errors(tmp_path, tiny_data_dir):
+    missing = run_clrun(["--config-dir", str(tmp_path / "nowhere")], tmp_path)
+    assert missing.returncode == 2 and "no such directory" in missing.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    no_name = run_clrun(["--config-dir", str(empty), "--config-name", "mine"], tmp_path)
+    assert no_name.returncode == 2 and "no config 'mine'" in no_name.stderr
+    # A --config-dir without config.yaml: Hydra takes clrun's own config, and so does the check of
+    # the command line (which used to be skipped here).
+    typo = run_clrun(["--config-dir", str(empty), "algo.ewc_lambdaa=5"], tmp_path)
+    assert typo.returncode == 2 and "Did you mean 'algo.ewc_lambda'" in " ".join(typo.stderr.split())
+    ok = run_clrun(["--config-dir", str(empty), *ARGS, f"data_dir={tiny_data_dir}",
+                    f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_an_unwritable_sweep_dir_is_a_clean_error(tmp_path, tiny_data_dir):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    res = run_clrun(["-m", *ARGS, "seed=0,1", f"data_dir={tiny_data_dir}", f"hydra.sweep.dir={blocker / 'sweep'}"],
+                    tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "hydra.sweep.dir=" in res.stderr and "not writable" in res.stderr
+
+
+def test_optuna_interval_errors_and_a_study_whose_every_trial_fails(tmp_path, tiny_data_dir):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    common = ["-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2", *ARGS,
+              f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    reversed_ = run_clrun([*common, "optimizer.lr=interval(0.1,0.001)", f"data_dir={tiny_data_dir}"], tmp_path)
+    assert reversed_.returncode == 2 and "Traceback" not in reversed_.stderr
+    assert "optimizer.lr=interval(0.001, 0.1)" in " ".join(reversed_.stderr.split())
+    log_zero = run_clrun([*common, "optimizer.lr=tag(log,interval(0,0.1))", f"data_dir={tiny_data_dir}"], tmp_path)
+    assert log_zero.returncode == 2 and "log scale" in log_zero.stderr
+    failing = run_clrun([*common, "optimizer.lr=interval(0.001,0.1)", f"data_dir={tmp_path / 'no-data'}"],
+                        tmp_path)
+    assert failing.returncode == 2, failing.stderr
+    assert "Traceback" not in failing.stderr and "every trial of the Optuna study failed" in failing.stderr
+
+
+# -- 11. a failed run records its error ----------------------------------------------------------
+def test_a_failed_run_records_its_error_in_cli_log_and_events(tmp_path):
+    run_dir = tmp_path / "run"
+    res = run_clrun([*ARGS, f"data_dir={tmp_path / 'no-data'}", f"hydra.run.dir={run_dir}"], tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    log = (run_dir / "cli.log").read_text()
+    assert "error:" in log and "no-data" in log
+    (event,) = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert event["event"] == "error" and event["type"] == "DataError" and "no-data" in event["message"]
+
+
+# -- 12. small ones --------------------------------------------------------------------------------
+def test_a_diverging_loss_counts_tasks_and_epochs_from_one():
+    import torch
+
+    from cl_runner import catalog
+    from cl_runner.config import validate_config
+    from cl_runner.errors import TrainingDivergedError
+
+    from test_jax_backend import tiny_stream
+
+    stream = tiny_stream(num_tasks=2, n_train=40)
+    stream.tasks[1].train_x = stream.tasks[1].train_x.astype(np.float32)
+    typed, _ = validate_config({"algo": {"name": "naive"}, "backbone": {"width": 8},
+                                "benchmark": {"batch_size": 8}, "optimizer": {"lr": 1e30}})
+    learner = catalog.load_backend("torch").build_learner(typed, stream, torch.device("cpu"), 0)
+    from cl_runner.core.loop import ContinualLoop
+
+    with pytest.raises(TrainingDivergedError, match=r"at task 1 \(of 2\), epoch 1, step"):
+        ContinualLoop(learner, stream, []).run()
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_result_files_are_readable_like_the_rest(tmp_path, tiny_data_dir, umask, mode):
+    """Files written atomically get 0644 less the umask, as any other file (mkstemp alone gives 0600)."""
+    old = os.umask(umask)
+    try:
+        run_experiment(tiny(tiny_data_dir, loggers=["jsonl", "csv", "plots"]), tmp_path, console=quiet())
+    finally:
+        os.umask(old)
+    for name in ("results.json", checkpoint.FILENAME, "acc_matrix.csv", "acc_matrix.png", "events.jsonl"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == mode, name
+
+
+def test_resume_ignores_keys_that_cannot_change_the_numbers(tmp_path, tiny_data_dir):
+    run_experiment(tiny(tiny_data_dir), tmp_path, console=quiet())
+    res = run_experiment(tiny(tiny_data_dir, resume=True, progress=True, benchmark={"cache": False, "eval_batch_size": 7},
+                              training={"progress_every": 3}), tmp_path, console=quiet())
+    assert res["resumed"] is True
+    from cl_runner.checkpoint import config_differences
+
+    assert config_differences({"benchmark": {"cache": True}, "algo": {"name": "ewc"}},
+                              {"benchmark": {"cache": False}, "algo": {"name": "ewc"}}) == []
+
+
+def test_config_drift_on_resume_is_found_before_any_data_is_read(tmp_path, tiny_data_dir):
+    run_experiment(tiny(tiny_data_dir), tmp_path, console=quiet())
+    # data_dir may differ on resume; here it names no data, so only an early check can answer.
+    with pytest.raises(CheckpointError, match=r"different config: optimizer.lr \(0.01 -> 0.5\)"):
+        run_experiment(tiny(tmp_path / "no-data", resume=True, optimizer={"lr": 0.5}), tmp_path, console=quiet())
+
+
+def test_a_subset_larger_than_a_task_is_a_warning_also_from_the_cache(tiny_data_dir, tmp_path, capfd):
+    for _ in range(2):  # built, then read from the cache
+        stream = _build(tiny_data_dir, tmp_path, name="splitmnist", subset=200, test_subset=10)
+        err = capfd.readouterr().err
+        assert "benchmark.subset=200 is more than some tasks have" in err and "task 1 has" in err
+        assert "test_subset" not in err
+        assert all(t.num_train < 200 for t in stream.tasks)
