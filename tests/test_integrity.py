@@ -849,7 +849,7 @@ def test_a_full_disk_through_the_command_line_exits_2_and_logs_the_error(tmp_pat
     ("optimizer", "weight_decay", -1e-4, "optimizer.weight_decay' must be a finite number >= 0"),
     ("optimizer", "grad_clip_norm", 0.0, "optimizer.grad_clip_norm' must be a positive number"),
     ("optimizer", "grad_clip_norm", -1.0, "optimizer.grad_clip_norm' must be a positive number"),
-    ("optimizer", "lr_decay", -0.8, "optimizer.lr_decay' must be a positive number"),
+    ("optimizer", "lr_decay", -0.8, "optimizer.lr_decay' must be a finite number >= 0"),
     ("optimizer", "betas", [0.9, 1.0], "optimizer.betas' must be two numbers in [0, 1)"),
     ("optimizer", "betas", [-0.1, 0.999], "optimizer.betas' must be two numbers in [0, 1)"),
     ("backbone", "width", 0, "backbone.width' must be a positive number"),

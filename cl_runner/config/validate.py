@@ -157,7 +157,7 @@ def _check_values(cfg: Any) -> None:
     non_negative("optimizer.momentum", cfg.optimizer.momentum)
     non_negative("optimizer.weight_decay", cfg.optimizer.weight_decay)
     non_negative("optimizer.lr_min", cfg.optimizer.lr_min)
-    positive("optimizer.lr_decay", cfg.optimizer.lr_decay)
+    non_negative("optimizer.lr_decay", cfg.optimizer.lr_decay)
     positive("optimizer.grad_clip_norm", cfg.optimizer.grad_clip_norm, allow_none=True)
     betas = list(cfg.optimizer.betas)
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
