@@ -14,7 +14,7 @@ from rich.console import Console
 
 from cl_runner import checkpoint, metrics, versions
 from cl_runner.benchmarks import build_stream
-from cl_runner.callbacks.loggers import _gpu_peak_mb, build_loggers, peak_rss_mb
+from cl_runner.callbacks.loggers import _gpu_peak_mb, build_loggers, finish_loggers, peak_rss_mb
 from cl_runner.callbacks.progress import RichProgress
 from cl_runner.callbacks.summary import print_summary
 from cl_runner.catalog import load_backend
@@ -128,9 +128,10 @@ def _run_experiment(cfg, out: Path, console: Console | None, callbacks, cpu_coun
         del payload
         err_console.print(f"resuming after task {loop.state.completed_tasks} of {stream.num_tasks} "
                           f"from {source}", highlight=False)
-        for logger in loggers:
-            logger.log_event("resume", {"from": str(source), "completed_tasks": loop.state.completed_tasks})
     try:
+        if source is not None:
+            for logger in loggers:
+                logger.log_event("resume", {"from": str(source), "completed_tasks": loop.state.completed_tasks})
         with _sigterm_as_interrupt():
             state = loop.run()
     except BaseException as ex:
@@ -145,10 +146,13 @@ def _run_experiment(cfg, out: Path, console: Console | None, callbacks, cpu_coun
     results = collect_results(typed, state, learner, device, backend, stream, config, data_time, t_start,
                               (train_threads, eval_threads), resumed=source is not None)
     path = Path(out) / typed.results_file
-    atomic_write_json(path, results)
-    for logger in loggers:
-        logger.log_final(results)
-        logger.close()
+    try:
+        atomic_write_json(path, results)  # the numbers first: on a nearly full disk they matter most
+    except BaseException:
+        for logger in loggers:
+            logger.on_interrupt(loop)
+        raise
+    finish_loggers(loggers, results)
     print_summary(_jsonable(results), console)
     if results["expected"] is not None:
         print_expected(results["expected"], console)
@@ -388,15 +392,22 @@ def _run_vectorized(typed, seeds, seed_configs, out: Path, err_console: Console,
                 cb.on_interrupt(loop)
         raise
     per_seed = []
-    for (typed_s, run_out, loggers, _, config, data_time), loop, state in zip(runs, loops, states):
-        results = collect_results(typed_s, state, loop.learner, device, backend, loop.stream, config,
-                                  data_time, t_start, (train_threads, eval_threads))
-        results["vectorized_seeds"] = seeds
-        atomic_write_json(Path(run_out) / typed_s.results_file, results)
-        for logger in loggers:
-            logger.log_final(results)
-            logger.close()
-        per_seed.append(results)
+    try:
+        # Every seed's results.json first, then the loggers' final events (the plots): on a
+        # nearly full disk the numbers matter more than their pictures.
+        for (typed_s, run_out, _, _, config, data_time), loop, state in zip(runs, loops, states):
+            results = collect_results(typed_s, state, loop.learner, device, backend, loop.stream, config,
+                                      data_time, t_start, (train_threads, eval_threads))
+            results["vectorized_seeds"] = seeds
+            atomic_write_json(Path(run_out) / typed_s.results_file, results)
+            per_seed.append(results)
+        for (_, _, loggers, _, _, _), results in zip(runs, per_seed):
+            finish_loggers(loggers, results)
+    except BaseException:
+        for (_, _, loggers, _, _, _), loop in zip(runs, loops):
+            for logger in loggers:
+                logger.on_interrupt(loop)
+        raise
     return per_seed, group.compilations()
 
 

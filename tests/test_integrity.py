@@ -840,6 +840,132 @@ def test_a_full_disk_through_the_command_line_exits_2_and_logs_the_error(tmp_pat
     assert json.loads((run_dir / "events.jsonl").read_text().splitlines()[-1])["event"] == "error"
 
 
+def _fds_open_on(path) -> int:
+    """How many of this process's file descriptors are open on ``path`` (Linux)."""
+    count = 0
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            count += os.readlink(fd) == str(path)
+        except OSError:
+            pass
+    return count
+
+
+linux_fds = pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads /proc/self/fd")
+
+
+@linux_fds
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_full_disk_at_the_event_log_is_a_clean_error_and_closes_the_loggers(tmp_path, tiny_data_dir):
+    """events.jsonl on a device where every write fails with ENOSPC (/dev/full): the run stops
+    with a WriteError naming the file and the space left, and no logger keeps a file open."""
+    from cl_runner.errors import WriteError
+
+    (tmp_path / "events.jsonl").symlink_to("/dev/full")
+    before = _fds_open_on("/dev/full")
+    with pytest.raises(WriteError) as info:
+        run_experiment(tiny(tiny_data_dir, loggers=["csv", "jsonl"]), tmp_path, console=quiet())
+    message = str(info.value)
+    assert str(tmp_path / "events.jsonl") in message and "the disk is full" in message and " free in " in message
+    assert _fds_open_on("/dev/full") == before
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_a_full_disk_at_the_csv_stops_the_run_with_the_last_checkpoint_kept(tmp_path, tiny_data_dir, monkeypatch):
+    """acc_matrix.csv cannot be rewritten after task 2: a WriteError naming it; the checkpoint
+    after task 1 stays, and the run continues from it once there is room."""
+    import errno
+
+    from cl_runner.errors import WriteError
+    from cl_runner.utils import io as clio
+
+    real, calls = clio._write_fd, []
+
+    def write(fd, data, path):
+        if Path(path).name == "acc_matrix.csv":
+            calls.append(path)
+            if len(calls) == 2:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data, path)
+
+    monkeypatch.setattr(clio, "_write_fd", write)
+    cfg = tiny(tiny_data_dir, loggers=["jsonl", "csv"])
+    with pytest.raises(WriteError, match=r"could not write .*acc_matrix\.csv: the disk is full"):
+        run_experiment(cfg, tmp_path, console=quiet())
+    assert checkpoint.load(tmp_path / checkpoint.FILENAME)["loop"]["completed_tasks"] == 1
+    assert (tmp_path / "acc_matrix.csv").read_text().count("\n") == 2  # header and task 1, intact
+    monkeypatch.setattr(clio, "_write_fd", real)
+    done = run_experiment({**cfg, "resume": True}, tmp_path, console=quiet())
+    assert done["resumed"] is True and (tmp_path / "acc_matrix.csv").read_text().count("\n") == 3
+
+
+@linux_fds
+def test_a_full_disk_under_tensorboard_is_one_clean_error(tmp_path, tiny_data_dir, monkeypatch, capfd):
+    """TensorBoard writes from a thread of its own; a full disk there surfaces in the run as a
+    WriteError naming the folder, without the thread's traceback on stderr."""
+    pytest.importorskip("torch.utils.tensorboard")
+    import errno
+
+    from tensorboard.summary.writer import record_writer
+
+    from cl_runner.errors import WriteError
+
+    real, calls = record_writer.RecordWriter.write, []
+
+    def write(self, data):
+        calls.append(len(data))
+        if len(calls) > 1:  # the file's header event goes through, the first scalar does not
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, data)
+
+    monkeypatch.setattr(record_writer.RecordWriter, "write", write)
+    with pytest.raises(WriteError) as info:
+        run_experiment(tiny(tiny_data_dir, loggers=["tensorboard"]), tmp_path, console=quiet())
+    assert str(tmp_path / "tensorboard") in str(info.value) and "the disk is full" in str(info.value)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Exception in thread" not in err, err
+    (event_file,) = (tmp_path / "tensorboard").iterdir()
+    assert _fds_open_on(event_file) == 0
+
+
+def test_an_event_log_that_cannot_be_created_is_a_clean_error(tmp_path, tiny_data_dir):
+    from cl_runner.errors import WriteError
+
+    (tmp_path / "events.jsonl").mkdir()
+    with pytest.raises(WriteError, match=r"could not write .*events\.jsonl: Is a directory"):
+        run_experiment(tiny(tiny_data_dir, loggers=["csv", "jsonl"]), tmp_path, console=quiet())
+
+
+@linux_fds
+def test_a_full_disk_at_the_plots_still_closes_every_logger(tmp_path, tiny_data_dir, monkeypatch):
+    """The plots fail after results.json is written: the loggers after them are still closed,
+    and the error is recorded in events.jsonl."""
+    from cl_runner.errors import WriteError
+    from cl_runner.utils import io as clio
+
+    monkeypatch.setattr(clio, "_write_fd", _full_disk_for({"acc_matrix.png"}))
+    with pytest.raises(WriteError, match="acc_matrix.png"):
+        run_experiment(tiny(tiny_data_dir, loggers=["plots", "jsonl"]), tmp_path, console=quiet())
+    assert read_results(tmp_path)["avg_acc"] is not None
+    assert _fds_open_on(tmp_path / "events.jsonl") == 0
+    events = [json.loads(line)["event"] for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert events[-1] == "error" and "final" not in events
+
+
+def test_a_full_disk_at_the_plots_of_vectorized_seeds_leaves_every_seeds_results(tmp_path, tiny_data_dir, monkeypatch):
+    """JAX seeds trained together: every seed's results.json is written before any plot."""
+    pytest.importorskip("jax")
+    from cl_runner.errors import WriteError
+    from cl_runner.utils import io as clio
+
+    monkeypatch.setattr(clio, "_write_fd", _full_disk_for({"acc_matrix.png"}))
+    cfg = tiny(tiny_data_dir, seeds=[0, 1], backend={"name": "jax"}, loggers=["plots"])
+    with pytest.raises(WriteError, match=r"seed=0.*acc_matrix\.png"):
+        run_experiment(cfg, tmp_path, console=quiet())
+    assert read_results(tmp_path / "seed=0")["vectorized_seeds"] == [0, 1]
+    assert read_results(tmp_path / "seed=1")["avg_acc"] is not None
+
+
 # -- 9. values checked at config time, the same on both backends ----------------------------------
 @pytest.mark.parametrize("backend", ["torch", "jax"])
 @pytest.mark.parametrize("section, key, value, words", [
