@@ -31,7 +31,7 @@ METRIC_TITLES = {"avg_acc": "avg acc (%)", "forgetting": "forgetting (%)", "bwt"
 # Config keys that never define a group: the seed (runs of one config over seeds are averaged)
 # and keys that do not change a run's numbers. A key ignores every key under it too.
 IGNORED_KEYS = ("seed", "data_dir", "cache_dir", "progress", "results_file", "loggers", "checkpoint",
-                "resume", "objective", "expected", "wandb", "source", "version")
+                "resume", "overwrite", "objective", "expected", "wandb", "source", "version")
 # Short column names for the keys that pick a component.
 SHORT_NAMES = {"algo.name": "algo", "benchmark.name": "benchmark", "backbone.type": "backbone",
                "optimizer.type": "optimizer", "backend.name": "backend"}

@@ -125,7 +125,10 @@ def register_sweep_files(directory: Path = SWEEPS_DIR, expected_dir: Path | None
                 node = OmegaConf.load(path)
             except Exception as ex:  # noqa: BLE001 - any YAML error is reported when the file is used
                 kind = "sweep file" if group == SWEEP_GROUP else "experiment file"
-                _broken_sweep_files[(group, name)] = f"{kind} {path} could not be read: {str(ex).splitlines()[0]}"
+                from cl_runner.errors import yaml_error_message
+
+                why = yaml_error_message(ex, path) if hasattr(ex, "problem_mark") else str(ex).splitlines()[0]
+                _broken_sweep_files[(group, name)] = f"{kind} {path} could not be read: {why}"
                 continue
             store.store(group=group, name=name, node=node, package="_global_",
                         provider=f"clrun {folder.name}/")
