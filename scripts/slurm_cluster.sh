@@ -78,13 +78,13 @@ cmd_install() {
 }
 
 node_state() {
-    SLURM_CONF="$CONF" sinfo -h -N -n "$NODE" -o %t 2>/dev/null | head -n1
+    { SLURM_CONF="$CONF" sinfo -h -N -n "$NODE" -o %t 2>/dev/null || true; } | head -n1
 }
 
 write_config() {
     local cpus mem
     cpus="${CLRUN_SLURM_CPUS:-$(nproc)}"
-    mem="${CLRUN_SLURM_MEM_MB:-$(slurmd -C 2>/dev/null | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p')}"
+    mem="${CLRUN_SLURM_MEM_MB:-$( { slurmd -C 2>/dev/null || true; } | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p')}"
     [[ -n "$mem" ]] || mem=$(( $(sed -n 's/^MemTotal: *\([0-9]*\) kB/\1/p' /proc/meminfo) / 1024 ))
     mkdir -p "$DIR"/{state,spool,log,run,munge}
     cat >"$CONF" <<EOF
@@ -195,7 +195,9 @@ cluster_pids() {
         pid="${f#/proc/}"
         pid="${pid%/comm}"
         [[ "$(cat "$f" 2>/dev/null)" == "$1" ]] || continue
-        tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF "$DIR/" && echo "$pid"
+        if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF "$DIR/"; then
+            echo "$pid"
+        fi
     done | sort -u
 }
 
