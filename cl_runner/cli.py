@@ -450,8 +450,8 @@ def _claim_run_dir(hydra_cfg, job_cfg) -> None:
 
 
 def _prepare_optuna(sweeper: dict, objective: str, command_line_keys: set[str], hydra_cfg) -> list[str]:
-    """Overrides that fit the Optuna sweeper to clrun (said on stderr), after creating the folder
-    of a SQLite storage so that the first run of a study can create its database."""
+    """Overrides that fit the Optuna sweeper to clrun (said on stderr), after creating a SQLite
+    storage's folder and tables (:func:`cl_runner.sweeps.prepare_sqlite_storage`)."""
     from omegaconf import OmegaConf
 
     extra = sweeps.optuna_overrides(sweeper, objective, command_line_keys)
@@ -463,11 +463,9 @@ def _prepare_optuna(sweeper: dict, objective: str, command_line_keys: set[str], 
         storage = OmegaConf.select(hydra_cfg, "hydra.sweeper.storage")
     except Exception:  # noqa: BLE001 - an interpolation only Hydra can resolve: leave it to Hydra
         storage = None
-    path = sweeps.sqlite_path(storage)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
     # SQLAlchemy 1.4 warns on import of Optuna's storage models that 2.0 would not accept them.
     os.environ.setdefault("SQLALCHEMY_SILENCE_UBER_WARNING", "1")
+    sweeps.prepare_sqlite_storage(storage)
     try:  # Optuna's own lines ("Using an existing study ...") through Hydra's log, without colour codes
         import optuna
 
