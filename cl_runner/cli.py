@@ -631,10 +631,13 @@ def main() -> None:
     # Optuna's SQLite storage imports alembic, which logs its setup at INFO through Hydra's handler.
     logging.getLogger("alembic").setLevel(logging.WARNING)
     argv, rerun_dir = _rerun_option(argv)
-    if rerun_dir is not None:
-        _rerun(rerun_dir, argv)
-        return
     global _COMMAND_LINE
+    if rerun_dir is not None:
+        # The recovery command of an interrupted re-run re-runs the same folder (one argument,
+        # absolute: never read as an override) into the folder it was writing.
+        _COMMAND_LINE = [f"--rerun={Path(rerun_dir).expanduser().absolute()}", *argv]
+        _rerun(rerun_dir, [a for a in argv if a != ALLOW_CODE_FLAG])  # nothing of a file to allow
+        return
     _COMMAND_LINE = list(argv)
     argv = precheck(argv)
     sys.argv = [sys.argv[0], *argv]

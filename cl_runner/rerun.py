@@ -113,6 +113,10 @@ def prepare(run_dir: str, warn) -> Path:
              f"the numbers may differ from the recorded ones.")
     elif recorded is None:
         warn(f"re-running {source}: the run recorded no versions to compare.")
+    # Values only: a run folder may come from anyone, so its config brings no defaults list
+    # (which would compose other config files) and no hydra section (whose callbacks, sweeper
+    # and launcher settings can run code); clrun's own hydra settings replace it.
+    config = {k: v for k, v in config.items() if k not in ("defaults", "hydra")}
     node = OmegaConf.create(config)
     node.hydra = OmegaConf.load(CONF_DIR / "config.yaml").hydra
     out = Path(tempfile.mkdtemp(prefix="clrun-rerun-"))

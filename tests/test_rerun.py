@@ -109,3 +109,23 @@ def test_saved_config_of_a_seeds_run_and_of_an_unfinished_run(tmp_path):
     (bad / "results.json").write_text("{not json")
     with pytest.raises(ConfigError, match="could not be read"):
         rerun._results_of(bad)
+
+
+def test_a_saved_config_brings_no_defaults_list_and_no_hydra_section(tmp_path):
+    """A run folder may come from anyone: its ``hydra:`` section (callbacks with a ``_target_``
+    that Hydra would instantiate) and any ``defaults:`` list are dropped; clrun's own hydra
+    settings are written in their place."""
+    from omegaconf import OmegaConf
+
+    config = {"seed": 0, "algo": {"name": "naive"}, "backend": {"name": "torch"},
+              "defaults": ["/evil"],
+              "hydra": {"callbacks": {"x": {"_target_": "os.system", "command": "touch pwned"}}}}
+    write_json(tmp_path / "run" / "results.json", {"config": config, "versions": {}})
+    out = rerun.prepare(str(tmp_path / "run"), warn=lambda text: None)
+    try:
+        saved = OmegaConf.load(out / f"{rerun.CONFIG_NAME}.yaml")
+        assert "defaults" not in saved
+        assert "callbacks" not in saved.hydra
+        assert saved.algo.name == "naive" and saved.seed == 0
+    finally:
+        rerun.cleanup(out)
