@@ -2,7 +2,7 @@
 formula the reference code runs: the per-task weights (a list, the tasks_seen and classes_seen
 rules), van de Ven & Tolias's distillation (softmax over the seen units, mean over units, T^2,
 mean over heads), the cross-entropy over the seen classes, Mammoth's warm-up of the new output
-units, LfL's two feature distances and its dropout-free feature pass, and the errors for keys that
+units and its previous model's inputs (before augmentation and normalisation), LfL's two feature distances and its dropout-free feature pass, and the errors for keys that
 do not fit the stream."""
 
 from __future__ import annotations
@@ -286,6 +286,58 @@ def test_lwf_warm_up_trains_only_the_new_units_by_hand(backend):
     assert np.abs(W_after[2:] - W[2:]).max() > 1e-3  # the warm-up did move the new units
 
 
+# -- LwF: what the previous model sees ----------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+@pytest.mark.parametrize("teacher_inputs", ["batch", "not_aug"])
+def test_lwf_teacher_inputs_by_hand(backend, teacher_inputs, monkeypatch):
+    """One training step of task 1 (class-IL, 2 + 2 classes, the 12 samples in one batch) with
+    benchmark.augment on, its random crop replaced by a left-right mirror so that the step is
+    known. The step's loss is CE(z) + 1.5 KD(z, z_old), z the current model's logits on the
+    mirrored normalised images; z_old the previous model's logits on the same inputs (batch), or on
+    the images before the mirror and before normalisation, pixel / 255 (not_aug: Mammoth's
+    begin_task records them on not_aug_img, ToTensor() alone). The stream normalises with mean
+    0.5, std 0.25, so the two differ."""
+    stream = stream_of("class_il", (2, 2))
+    sections = dict(algo={"alpha": 1.5, "teacher_inputs": teacher_inputs},
+                    benchmark={"batch_size": 12, "augment": True})
+    task = stream.tasks[1]
+    pixels = task.train_x.astype(np.float32) / 255.0
+    normalised = (pixels - 0.5) / 0.25
+    mirrored = np.ascontiguousarray(normalised[..., ::-1])
+    if backend == "torch":
+        learner = torch_learner(stream, "lwf", **sections)
+        learner.augment = lambda x: x.flip(-1)
+        learner.on_before_task(stream.tasks[0])
+        learner.on_after_task(stream.tasks[0])
+        learner.on_before_task(task)
+        perturb_torch(learner)
+        with torch.no_grad():
+            z = learner.model(torch.from_numpy(mirrored)).numpy()
+            teacher = learner.parts[0].teacher
+            z_old = {"batch": teacher(torch.from_numpy(mirrored)).numpy(),
+                     "not_aug": teacher(torch.from_numpy(pixels)).numpy()}
+    else:
+        import cl_runner.backends.jax.learner as jax_learner_module
+
+        monkeypatch.setattr(jax_learner_module, "random_crop_flip", lambda key, x, *settings: x[..., ::-1])
+        learner = jax_learner(stream, "lwf", **sections)
+        learner.on_before_task(stream.tasks[0])
+        learner.on_after_task(stream.tasks[0])
+        learner.on_before_task(task)
+        perturb_jax(learner)
+        apply = learner.model.apply
+        z = np.asarray(apply({"params": learner.params}, mirrored, train=False))
+        teacher = learner.parts[0].state["teacher"]
+        z_old = {"batch": np.asarray(apply({"params": teacher}, mirrored, train=False)),
+                 "not_aug": np.asarray(apply({"params": teacher}, pixels, train=False))}
+    y = task.train_y
+    expected = {k: cross_entropy(z, y, [0, 1, 2, 3]) + 1.5 * kd(z, v, [0, 1], [0, 1], 2.0) for k, v in z_old.items()}
+    assert abs(expected["batch"] - expected["not_aug"]) > 1e-3
+    loss = learner.train_epoch(task, 0)["loss"]
+    assert loss == pytest.approx(expected[teacher_inputs], rel=1e-5)
+
+
 # -- LwF: keys that do not fit the stream ---------------------------------------------------------------
 
 @pytest.mark.parametrize("scenario,algo,match", [
@@ -308,6 +360,7 @@ def test_lwf_keys_that_do_not_fit_the_stream_are_errors(scenario, algo, match, b
     ({"alpha": "big"}, "'algo.alpha' must be a number or a list of numbers"),
     ({"alpha": [1.0, -1.0]}, "'algo.alpha' must be >= 0"),
     ({"kd_reduction": "max"}, "algo.kd_reduction"),
+    ({"teacher_inputs": "raw"}, "algo.teacher_inputs: 'raw' is not one of batch, not_aug"),
     ({"warmup_epochs": -1}, "'algo.warmup_epochs' must be >= 0"),
     ({"warmup_lr": 0.0}, "'algo.warmup_lr' must be positive"),
 ])

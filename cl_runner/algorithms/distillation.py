@@ -30,6 +30,9 @@ from cl_runner.errors import ConfigError
 #:                 src/approach/bic.py ``criterion`` computes it when lamb = -1.
 ALPHA_RULES = ("constant", "tasks_seen", "classes_seen")
 
+#: LwF's ``teacher_inputs``: the previous model's inputs (see LwFConfig).
+TEACHER_INPUTS = ("batch", "not_aug")
+
 
 def per_task_value(value, task_id: int, key: str) -> float:
     """``value`` (a number, or a list with one number per task) for task ``task_id``: Avalanche's
@@ -111,6 +114,13 @@ class LwFConfig(AlgoConfig):
     warmup_epochs: int = 0
     # The warm-up's learning rate (null: optimizer.lr, as Mammoth).
     warmup_lr: Optional[float] = None
+    # What the previous model sees. batch: the batch as trained (after benchmark.augment and
+    # normalisation). not_aug: the same images before augmentation and before normalisation
+    # (pixel / 255), as Mammoth's begin_task records its logits: on ``not_aug_img``, whose
+    # ``not_aug_transform`` is ToTensor() alone, while the network trains on normalised crops
+    # (datasets/seq_cifar10.py; models/lwf.py begin_task). Equal to batch on an unnormalised
+    # stream without augmentation.
+    teacher_inputs: str = "batch"
 
     @staticmethod
     def check(algo) -> None:
@@ -119,7 +129,7 @@ class LwFConfig(AlgoConfig):
             raise ConfigError(f"config key 'algo.temperature' must be positive, got {algo.temperature}.")
         for key, choices in (("alpha_rule", ALPHA_RULES), ("kd_reduction", ("sum", "mean")),
                              ("distill_units", ("old", "seen")), ("head_reduction", ("sum", "mean")),
-                             ("ce_units", ("all", "seen"))):
+                             ("ce_units", ("all", "seen")), ("teacher_inputs", TEACHER_INPUTS)):
             if getattr(algo, key) not in choices:
                 raise ConfigError(f"algo.{key}: '{getattr(algo, key)}' is not one of {', '.join(choices)}.")
         if algo.warmup_epochs < 0:

@@ -19,7 +19,9 @@ previous model's and the current model's units; rows of no unit distil nothing),
 cross-entropy, the two loss weights and an on/off flag (off during the first task) are the part's
 state, arguments of the compiled epoch: each task's epochs see the model as it was at that
 task's start, with one program for every task. The warm-up of the new output units (the same as
-the PyTorch backend's) is its own compiled program, run from ``on_before_task``.
+the PyTorch backend's) is its own compiled program, run from ``on_before_task``. With
+``teacher_inputs=not_aug`` the previous model sees the step's images before augmentation and
+normalisation (Mammoth's recorded logits; see the PyTorch backend).
 """
 
 from __future__ import annotations
@@ -152,9 +154,16 @@ class LwFPart(Part):
         (head, key), _ = jax.lax.scan(step, (params["head"], key), (batches, weights))
         return {**params, "head": head}, key
 
+    def teacher_input(self, x):
+        """The previous model's input for the step's batch ``x`` (``teacher_inputs``; traced)."""
+        if self.cfg.teacher_inputs != "not_aug":
+            return x
+        learner = self.learner
+        return learner.stream_inputs(x) * learner._std + learner._mean  # undo (x / 255 - mean) / std
+
     def extra_loss(self, params, state, x, y, logits, weights):
         def distil(_):
-            old = self.learner.model.apply({"params": state["teacher"]}, x, train=False)
+            old = self.learner.model.apply({"params": state["teacher"]}, self.teacher_input(x), train=False)
             return head_distillation_loss(logits, jax.lax.stop_gradient(old), state["heads"], self.temperature,
                                           weights, state["student_heads"], self.kd_reduction,
                                           self.head_reduction)

@@ -28,8 +28,10 @@ Which outputs are distilled depends on the scenario:
 and van de Ven & Tolias's LwF do.
 
 The previous model's outputs are computed on each batch as it comes (the same numbers as
-recording them on the task's data before training, since that model is frozen; Mammoth records
-them on the non-augmented images, which differs only with ``benchmark.augment``).
+recording them on the task's data before training, since that model is frozen). With
+``teacher_inputs=not_aug`` the previous model sees the batch's images before augmentation and
+before normalisation (pixel / 255), as Mammoth's ``begin_task`` records its logits on
+``not_aug_img`` (ToTensor() alone) while the network trains on normalised, augmented images.
 
 Warm-up (``warmup_epochs``, Mammoth models/lwf.py ``begin_task``, the paper's warm-up step):
 before each task after the first, only the new task's output units are trained, for that many
@@ -151,11 +153,18 @@ class LwFPart(Part):
             p.grad = None
         model.train(was_training)
 
+    def teacher_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The previous model's input for the step's batch ``x`` (``teacher_inputs``)."""
+        if self.cfg.teacher_inputs != "not_aug":
+            return x
+        learner = self.learner
+        return learner.stream_inputs(x) * learner._std + learner._mean  # undo (x / 255 - mean) / std
+
     def extra_loss(self, x, y, logits):
         if self.teacher is None:
             return None
         with torch.no_grad():
-            old_logits = self.teacher(x)
+            old_logits = self.teacher(self.teacher_input(x))
         loss = head_distillation_loss(logits, old_logits, self.heads, self.temperature, self.student_heads,
                                       self.kd_reduction, self.head_reduction)
         return self.kd_weight * loss
