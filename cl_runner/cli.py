@@ -29,6 +29,12 @@ CONF_DIR = str(resources.CONF_DIR)
 # (joblib, submitit) import this module to unpickle the task, which registers it there too.
 sweeps.register_resolvers()
 
+# clrun's own flag: files loaded with +expected= / +sweep= may set keys that make Hydra run code.
+ALLOW_CODE_FLAG = "--allow-config-code"
+# Hydra config keys that name code to run: callbacks it instantiates (any ``_target_``), the
+# Optuna sweeper's search-space function, the SLURM launcher's shell setup lines.
+CODE_KEYS = ("hydra.callbacks", "hydra.sweeper.custom_search_space", "hydra.launcher.setup")
+
 _HYDRA_FLAGS_WITHOUT_RUN = ("--help", "-h", "--hydra-help", "--shell-completion", "-sc", "--info", "-i",
                             "--version")
 
@@ -96,6 +102,15 @@ def _concrete_lines(o) -> list[str] | None:
     key = o.get_key_element()
     value = o.value()
     if isinstance(value, IntervalSweep):
+        from cl_runner.errors import ConfigError
+
+        if value.start >= value.end:
+            raise ConfigError(f"the interval of {key} ({o.input_line.split('=', 1)[1]}) is empty or reversed: "
+                              f"write the lower end first, as in {key}=interval({min(value.start, value.end)}, "
+                              f"{max(value.start, value.end)}).")
+        if "log" in (value.tags or ()) and value.start <= 0:
+            raise ConfigError(f"{key} is searched on a log scale, so its interval must be positive; "
+                              f"got a lower end of {value.start}.")
         return [f"{key}={value.start}", f"{key}={value.end}"]
     try:
         lines = [f"{key}={v}" for v in o.sweep_string_iterator()]
@@ -160,22 +175,33 @@ def precheck(argv: list[str]) -> list[str]:
     overrides that fit it to clrun are added (:func:`cl_runner.sweeps.optuna_overrides`) and the
     folder of a SQLite storage is created.
     """
-    from hydra import compose, initialize_config_dir
-    from hydra._internal.utils import get_args_parser
+    from hydra import compose, version
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path, get_args_parser
+    from hydra.core.config_search_path import SearchPathQuery
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException
+    import yaml
     from omegaconf import OmegaConf
 
     from cl_runner.config import validate_config
-    from cl_runner.errors import ConfigError
+    from cl_runner.errors import ConfigError, yaml_error_message
 
+    allow_code = ALLOW_CODE_FLAG in argv
+    argv = [a for a in argv if a != ALLOW_CODE_FLAG]
     args, _ = get_args_parser().parse_known_args(argv)
     if any(flag in argv for flag in _HYDRA_FLAGS_WITHOUT_RUN) or args.cfg:
         return argv
     sweeps.register_sweep_files()
-    config_dir = str(Path(args.config_dir).resolve()) if args.config_dir else CONF_DIR
+    config_dir = str(Path(args.config_dir).expanduser().resolve()) if args.config_dir else CONF_DIR
     config_name = args.config_name or "config"
+    if not Path(config_dir).is_dir():
+        _fail(f"--config-dir {args.config_dir}: no such directory.")
+    if not any((Path(d) / f"{config_name}.yaml").is_file() for d in (CONF_DIR, config_dir)):
+        names = sorted(p.stem for p in Path(config_dir).glob("*.yaml"))
+        _fail(f"no config '{config_name}' in {config_dir} (nor clrun's own). Choose one with --config-name: "
+              f"{', '.join(names) or '(that folder has no .yaml files)'}.")
     argv = list(argv)
     overrides = list(args.overrides)
     try:
@@ -208,11 +234,16 @@ def precheck(argv: list[str]) -> list[str]:
                     or key in groups or "/" in key)
 
     def compose_with(active: list[str], hydra_config: bool = False):
+        """Compose as hydra.main will: clrun's conf/ first, then --config-dir (which Hydra puts
+        after the primary config path and before the structured configs)."""
         GlobalHydra.instance().clear()
-        extra = [] if config_dir == CONF_DIR else [f"hydra.searchpath=[file://{CONF_DIR}]"]
-        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-            return compose(config_name=config_name, overrides=active + extra,
-                           return_hydra_config=hydra_config)
+        version.setbase("1.3")
+        search_path = create_config_search_path(CONF_DIR)
+        if config_dir != CONF_DIR:
+            search_path.prepend(provider="command-line", path=f"file://{config_dir}",
+                                anchor=SearchPathQuery(provider="schema"))
+        Hydra.create_main_hydra2(task_name="cli", config_search_path=search_path)
+        return compose(config_name=config_name, overrides=active, return_hydra_config=hydra_config)
 
     def compose_job(lines: list[str], swept: list[str]):
         """The composed config of one job, or None when Hydra should report the problem."""
@@ -265,6 +296,8 @@ def precheck(argv: list[str]) -> list[str]:
         base = compose_job(base_lines, [])
         if base is None:
             return argv
+        if not allow_code:
+            _refuse_code_from_files(base_lines, file_groups, lambda lines: compose_with(lines, hydra_config=True))
         # The first value of each swept group made the base: name it when a key is wrong there.
         base_job = [first_line(o) for o in parsed if not is_value(o) and o.is_sweep_override()]
         for o in parsed:
@@ -314,21 +347,57 @@ def precheck(argv: list[str]) -> list[str]:
                 job_error(ex, swept)
 
         if sweeps.is_optuna(sweeper):
+            global _OPTUNA
+            _OPTUNA = True
             argv += _prepare_optuna(sweeper, objective, {o.key_or_group for o in parsed}, hydra_cfg)
-        if not args.multirun:
+        if args.multirun:
+            _check_run_dir(hydra_cfg, "hydra.sweep.dir")
+        else:
             _check_run_dir(compose_with(base_lines, hydra_config=True))
+            _claim_run_dir(compose_with(variants[0][0], hydra_config=True), first_job)
     except ConfigError as ex:
         _fail(str(ex))
     except HydraException:
         return argv
+    except yaml.YAMLError as ex:
+        _fail(yaml_error_message(ex))
     finally:
         GlobalHydra.instance().clear()
     return argv
 
 
-def _check_run_dir(hydra_cfg) -> None:
-    """Hydra creates hydra.run.dir before the task runs; check beforehand that it can, so the
-    error is clrun's message rather than a traceback."""
+def _refuse_code_from_files(lines: list[str], file_groups, compose_hydra) -> None:
+    """Stop when a file loaded with +expected= / +sweep= sets a key of :data:`CODE_KEYS`: Hydra
+    would run the code it names. The command line's own settings are the user's and pass; the
+    files' pass with --allow-config-code."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    parsed = OverridesParser.create().parse_overrides(lines)
+    from_files = [o.input_line for o in parsed if o.key_or_group in file_groups and not o.is_delete()]
+    if not from_files:
+        return
+    with_files = compose_hydra(lines)
+    try:
+        without = compose_hydra([line for line in lines if line not in from_files])
+    except Exception:  # noqa: BLE001 - e.g. an override of a key only the file brings: count every
+        without = None  # code key as the file's (never let a failure here pass it)
+
+    def value(cfg, key):
+        if cfg is None:
+            return None
+        node = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
+        return OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else node
+
+    for key in CODE_KEYS:
+        if value(with_files, key) and value(with_files, key) != value(without, key):
+            _fail(f"{' '.join(from_files)} sets {key}, which makes Hydra run the code it names. A config "
+                  f"file is code: run only files you trust. To run this one, add {ALLOW_CODE_FLAG}.")
+
+
+def _check_run_dir(hydra_cfg, key: str = "hydra.run.dir") -> None:
+    """Hydra creates hydra.run.dir (hydra.sweep.dir for -m) before the task runs; check beforehand
+    that it can, so the error is clrun's message rather than a traceback."""
     import os
 
     from omegaconf import OmegaConf
@@ -337,7 +406,7 @@ def _check_run_dir(hydra_cfg) -> None:
     from cl_runner.errors import ConfigError
 
     try:
-        run_dir = OmegaConf.select(hydra_cfg, "hydra.run.dir")
+        run_dir = OmegaConf.select(hydra_cfg, key)
     except OmegaConfBaseException:
         return
     if not run_dir:
@@ -350,12 +419,39 @@ def _check_run_dir(hydra_cfg) -> None:
         return
     why = "is not a directory" if not existing.is_dir() else "is not writable"
     raise ConfigError(f"the output directory {target} is not writable ({existing} {why}). "
-                      f"Choose another with hydra.run.dir=/some/writable/dir.")
+                      f"Choose another with {key}=/some/writable/dir.")
+
+
+def _claim_run_dir(hydra_cfg, job_cfg) -> None:
+    """Take the lock of a single run's folder and refuse a start that would replace its checkpoint
+    before Hydra writes anything there (run_experiment checks both again; cl_runner/utils/lock.py).
+    A folder named by the clock (``${now:...}``) is left to that check: composed here, it could
+    name another second than Hydra's."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from cl_runner import checkpoint
+    from cl_runner.errors import ClrunError
+    from cl_runner.utils import lock
+
+    try:
+        raw = OmegaConf.to_container(hydra_cfg.hydra.run, resolve=False).get("dir")
+        run_dir = OmegaConf.select(hydra_cfg, "hydra.run.dir")
+    except OmegaConfBaseException:
+        return
+    if not run_dir or "${now:" in str(raw):
+        return
+    target = Path(str(run_dir)).expanduser().absolute()
+    try:
+        lock.acquire(target)  # held until this process ends
+        checkpoint.resume_source(target, job_cfg.get("resume"), bool(job_cfg.get("overwrite")))
+    except ClrunError as ex:
+        _fail(str(ex))
 
 
 def _prepare_optuna(sweeper: dict, objective: str, command_line_keys: set[str], hydra_cfg) -> list[str]:
-    """Overrides that fit the Optuna sweeper to clrun (said on stderr), after creating the folder
-    of a SQLite storage so that the first run of a study can create its database."""
+    """Overrides that fit the Optuna sweeper to clrun (said on stderr), after creating a SQLite
+    storage's folder and tables (:func:`cl_runner.sweeps.prepare_sqlite_storage`)."""
     from omegaconf import OmegaConf
 
     extra = sweeps.optuna_overrides(sweeper, objective, command_line_keys)
@@ -367,11 +463,9 @@ def _prepare_optuna(sweeper: dict, objective: str, command_line_keys: set[str], 
         storage = OmegaConf.select(hydra_cfg, "hydra.sweeper.storage")
     except Exception:  # noqa: BLE001 - an interpolation only Hydra can resolve: leave it to Hydra
         storage = None
-    path = sweeps.sqlite_path(storage)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
     # SQLAlchemy 1.4 warns on import of Optuna's storage models that 2.0 would not accept them.
     os.environ.setdefault("SQLALCHEMY_SILENCE_UBER_WARNING", "1")
+    sweeps.prepare_sqlite_storage(storage)
     try:  # Optuna's own lines ("Using an existing study ...") through Hydra's log, without colour codes
         import optuna
 
@@ -410,6 +504,82 @@ def _unknown_group_option(group: str, option: str) -> None:
         _fail(f"{ex} (from the override {group}={option})")
 
 
+# Whether this command runs an Optuna study (set by precheck).
+_OPTUNA = False
+# The command line as typed (set by main): what a printed recovery command repeats.
+_COMMAND_LINE: list[str] | None = None
+# Overrides a recovery command replaces: where the run writes and whether it resumes.
+_REPLACED_KEYS = ("hydra.run.dir", "hydra.sweep.dir", "resume", "overwrite")
+
+
+def quote_arg(arg: str) -> str:
+    """``arg`` quoted for a POSIX shell: double quotes when nothing in it is special inside
+    them (the readable form of ``"resume='<dir>'"``), else single quotes."""
+    import shlex
+
+    if shlex.quote(arg) == arg:
+        return arg
+    if not any(c in arg for c in '"$`\\!'):
+        return f'"{arg}"'
+    return shlex.quote(arg)
+
+
+def hydra_value(value: str) -> str:
+    """``value`` as a quoted Hydra override value: a folder such as ``algo=naive,seed=0`` holds
+    ``=`` and ``,``, which Hydra would otherwise parse."""
+    # Hydra reads a backslash literally unless backslashes precede a quote: there each pair is
+    # one backslash and an odd one escapes the quote.
+    text = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", str(value))
+    text = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, text)
+    return f"'{text}'"
+
+
+def recovery_command(hc, multirun: bool) -> str | None:
+    """The command that continues an interrupted run: the command line as typed, writing to the
+    same folder, with resume=true (a single run with a checkpoint) or resume=auto (a sweep: its
+    finished jobs are read back, the others continue or start). None when the command line is
+    not known (a job in another process) or a single run left no checkpoint."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from cl_runner import checkpoint
+
+    if _COMMAND_LINE is None:
+        return None
+    if multirun:
+        folder, key, resume = hc.sweep.dir, "hydra.sweep.dir", "auto"
+    else:
+        folder, key, resume = hc.runtime.output_dir, "hydra.run.dir", "true"
+        if not (Path(folder) / checkpoint.FILENAME).is_file():
+            return None
+    kept = []
+    for arg in _COMMAND_LINE:
+        if not arg.startswith("-"):
+            try:
+                (o,) = OverridesParser.create().parse_overrides([arg])
+                if o.key_or_group in _REPLACED_KEYS:
+                    continue
+            except Exception:  # noqa: BLE001 - kept as typed
+                pass
+        kept.append(arg)
+    folder = str(Path(str(folder)).absolute())
+    return " ".join(["clrun", *map(quote_arg, kept), quote_arg(f"{key}={hydra_value(folder)}"),
+                     f"resume={resume}"])
+
+
+def _log_to_file(message: str) -> None:
+    """Write ``message`` to the run's log file (Hydra's cli.log) only, not to the terminal."""
+    import logging
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            record = logging.LogRecord("clrun", logging.ERROR, __file__, 0, message, None, None)
+            try:
+                handler.handle(record)
+                handler.flush()
+            except Exception:  # noqa: BLE001 - the log is best effort (a full disk)
+                pass
+
+
 def _task(cfg) -> float | None:
     """One job: run the experiment in Hydra's output directory and return its objective metric
     (``objective``, default avg_acc) for the sweeper. In a sweep, an error is raised to Hydra,
@@ -417,7 +587,7 @@ def _task(cfg) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from cl_runner.errors import ClrunError
+    from cl_runner.errors import ClrunError, Terminated
     from cl_runner.experiment import run_experiment
 
     hc = HydraConfig.get()
@@ -427,13 +597,19 @@ def _task(cfg) -> float | None:
     try:
         results = run_experiment(cfg, hc.runtime.output_dir, cpu_count=cpu_count)
     except ClrunError as ex:
+        _log_to_file(f"error: {ex}")
         if multirun:
             raise  # the sweeper records the failed job
         _fail(str(ex))
         return None
-    except KeyboardInterrupt:
-        Console(stderr=True).print("[yellow]interrupted[/yellow]")
-        sys.exit(130)
+    except KeyboardInterrupt as ex:
+        err = Console(stderr=True)
+        err.print("[yellow]interrupted[/yellow]" + (" (SIGTERM)" if isinstance(ex, Terminated) else ""))
+        command = recovery_command(hc, multirun)
+        if command:
+            err.print(f"continue with: {command}", highlight=False, soft_wrap=True, markup=False)
+        _log_to_file("interrupted" + (f"; continue with: {command}" if command else ""))
+        sys.exit(143 if isinstance(ex, Terminated) else 130)
     objective = cfg.get("objective", None) or sweeps.DEFAULT_OBJECTIVE
     value = results.get(objective)
     return float(value) if value is not None else float("nan")
@@ -458,12 +634,33 @@ def main() -> None:
     if rerun_dir is not None:
         _rerun(rerun_dir, argv)
         return
+    global _COMMAND_LINE
+    _COMMAND_LINE = list(argv)
     argv = precheck(argv)
     sys.argv = [sys.argv[0], *argv]
 
     import hydra
 
-    hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")(_task)()
+    app = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")(_task)
+    if not _OPTUNA or os.environ.get("HYDRA_FULL_ERROR"):
+        app()
+        return
+    # An Optuna study whose every trial failed ends inside the sweeper, where Hydra would print
+    # a traceback: let the exception through to say it in one line instead.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        app()
+    except Exception as ex:  # noqa: BLE001 - the rest is reported as Hydra reports it
+        from hydra.errors import CompactHydraException
+
+        if isinstance(ex, ValueError) and "No trials are completed yet" in str(ex):
+            _fail("every trial of the Optuna study failed (each trial's error is above, and in its "
+                  "folder's cli.log), so there is no best value to report. Fix that error and run the "
+                  "same command again; a study stored in SQLite continues where it stopped.")
+        if isinstance(ex, CompactHydraException):
+            sys.stderr.write(f"{ex}{os.linesep}")
+            sys.exit(1)
+        raise
 
 
 def _rerun_option(argv: list[str]) -> tuple[list[str], str | None]:

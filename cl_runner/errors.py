@@ -30,6 +30,41 @@ class CheckpointError(ClrunError):
     """A checkpoint is corrupt or does not belong to this configuration."""
 
 
+class CheckpointExistsError(CheckpointError):
+    """A run would replace the checkpoint of an earlier run in its folder."""
+
+
+class Terminated(KeyboardInterrupt):
+    """The run was stopped by SIGTERM (a scheduler ending the job); handled like Ctrl-C."""
+
+
+class WriteError(ClrunError, OSError):
+    """A file of the run could not be written (full disk, read-only folder, ...). Also an
+    OSError, so code that tolerates failed writes (a read-only cache) keeps doing so."""
+
+    def __init__(self, message: str, errno: int | None = None):
+        OSError.__init__(self, errno, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def yaml_error_message(ex: Exception, path=None) -> str:
+    """A YAML syntax error as one line naming the file, line and column (1-based) and the fix."""
+    mark = getattr(ex, "problem_mark", None)
+    problem = getattr(ex, "problem", None) or str(ex).splitlines()[0]
+    where = ""
+    if mark is not None:
+        name = path or getattr(mark, "name", None) or "a config file"
+        where = f"{name}, line {mark.line + 1}, column {mark.column + 1}"
+    elif path:
+        where = str(path)
+    context, cmark = getattr(ex, "context", None), getattr(ex, "context_mark", None)
+    started = f" ({context} started at line {cmark.line + 1}, column {cmark.column + 1})" if context and cmark else ""
+    return f"YAML syntax error in {where or 'a config file'}: {problem}{started}. Fix the file and run again."
+
+
 def closest(name: str, candidates: Iterable[str]) -> str | None:
     """The candidate most similar to ``name``, or None when nothing is reasonably close."""
     cands = list(candidates)

@@ -14,16 +14,18 @@ from rich.console import Console
 
 from cl_runner import checkpoint, metrics, versions
 from cl_runner.benchmarks import build_stream
-from cl_runner.callbacks.loggers import _gpu_peak_mb, build_loggers, peak_rss_mb
+from cl_runner.callbacks.loggers import _gpu_peak_mb, build_loggers, finish_loggers, peak_rss_mb
 from cl_runner.callbacks.progress import RichProgress
 from cl_runner.callbacks.summary import print_summary
 from cl_runner.catalog import load_backend
 from cl_runner.config import validate_config
 from cl_runner.core.callbacks import Callback
 from cl_runner.core.loop import ContinualLoop
+from cl_runner.errors import CheckpointExistsError, Terminated, WriteError
 from cl_runner.registry import ALGORITHMS, BACKBONES, PLUGINS
 from cl_runner.sweeps import usable_cores
 from cl_runner.utils.io import atomic_write_json, check_writable
+from cl_runner.utils.lock import run_dir_lock
 
 
 def choose_threads(threads, backbone_cfg, batch_size: int, cpu_count: int | None = None) -> tuple[int, int]:
@@ -46,15 +48,44 @@ def run_experiment(cfg: DictConfig | dict, output_dir: str | os.PathLike, consol
     """Run the experiment described by ``cfg``; write and return its results.
 
     ``cpu_count`` is the number of cores this run may use (e.g. its share when parallel sweep
-    jobs run on one machine); None: every core. ``threads: auto`` chooses within it.
+    jobs run on one machine); None: every core. ``threads: auto`` chooses within it. The run
+    holds the lock of ``output_dir`` (cl_runner/utils/lock.py) while it runs.
     """
+    out = check_writable(output_dir)
+    with run_dir_lock(out):
+        try:
+            return _run_experiment(cfg, out, console, callbacks, cpu_count)
+        except CheckpointExistsError:
+            raise  # the folder is an earlier run's: its event log is not this run's to write
+        except Exception as ex:
+            record_error(out, ex)
+            raise
+
+
+def record_error(out: Path, ex: BaseException) -> None:
+    """Append an ``error`` event naming ``ex`` to the run folder's events.jsonl (best effort: a
+    full disk may be what went wrong)."""
+    import json
+
+    line = json.dumps({"event": "error", "time": time.time(), "type": type(ex).__name__,
+                       "message": str(ex)}) + "\n"
+    try:
+        fd = os.open(Path(out) / "events.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _run_experiment(cfg, out: Path, console: Console | None, callbacks, cpu_count) -> dict:
     console = console or Console()
     err_console = Console(stderr=True)
     t_start = time.perf_counter()
     typed, warnings = validate_config(cfg)
     for w in warnings:
         err_console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
-    out = check_writable(output_dir)
     backend = load_backend(typed.backend.name)
     ALGORITHMS.get(typed.algo.name, backend=typed.backend.name)  # fail before loading any data
     for plugin in typed.algo.plugins:
@@ -62,6 +93,14 @@ def run_experiment(cfg: DictConfig | dict, output_dir: str | os.PathLike, consol
     BACKBONES.get(typed.backbone.type, backend=typed.backend.name)
     if typed.seeds is not None:
         return run_seeds(typed, out, console, err_console, callbacks, cpu_count, t_start)
+    ckpt_path = Path(out) / checkpoint.FILENAME
+    source = checkpoint.resume_source(out, typed.resume, typed.overwrite)  # before loading any data
+    config = OmegaConf.to_container(typed, resolve=True)
+    if source is not None:
+        payload = checkpoint.load(source)
+        checkpoint.check_config(payload, config, source)
+    elif typed.overwrite:
+        checkpoint.clear_run(out, typed.results_file)
     device = backend.resolve_device(typed.device)
     seed = int(typed.seed)
     train_threads, eval_threads = choose_threads(typed.threads, typed.backbone, typed.benchmark.batch_size,
@@ -76,22 +115,23 @@ def run_experiment(cfg: DictConfig | dict, output_dir: str | os.PathLike, consol
     learner = backend.build_learner(typed, stream, device, seed)
     if device.type == "cpu" and hasattr(learner, "set_threads"):
         learner.set_threads(train_threads, eval_threads)
-    config = OmegaConf.to_container(typed, resolve=True)
     loggers = build_loggers([n for n in typed.loggers if n != "console"], out, typed)
     cbs = [RichProgress(err_console, live=typed.progress)] if "console" in typed.loggers else []
     cbs += [*loggers, *(callbacks or [])]
-    ckpt_path = Path(out) / checkpoint.FILENAME
     if typed.checkpoint:
-        cbs.append(CheckpointCallback(ckpt_path, config))
+        cbs.append(CheckpointCallback(ckpt_path, config, err_console))
     loop = ContinualLoop(learner, stream, cbs, epochs_per_task=typed.training.epochs_per_task,
                          eval_on=typed.training.eval_on, eval_initial=typed.training.eval_initial,
                          eval_task_il=typed.training.eval_task_il)
-    if typed.resume:
-        source = ckpt_path if typed.resume is True else _checkpoint_in(typed.resume)
-        checkpoint.restore(checkpoint.load(source), learner, loop.state, config, source)
+    if source is not None:
+        checkpoint.restore(payload, learner, loop.state, config, source)
+        del payload
         err_console.print(f"resuming after task {loop.state.completed_tasks} of {stream.num_tasks} "
                           f"from {source}", highlight=False)
     try:
+        if source is not None:
+            for logger in loggers:
+                logger.log_event("resume", {"from": str(source), "completed_tasks": loop.state.completed_tasks})
         with _sigterm_as_interrupt():
             state = loop.run()
     except BaseException as ex:
@@ -99,17 +139,20 @@ def run_experiment(cfg: DictConfig | dict, output_dir: str | os.PathLike, consol
             cb.on_interrupt(loop)
         if isinstance(ex, KeyboardInterrupt) and typed.checkpoint and loop.state.completed_tasks:
             err_console.print(f"interrupted during task {loop.state.completed_tasks + 1}; the checkpoint "
-                              f"after task {loop.state.completed_tasks} is in {out}. Continue with: "
-                              f"clrun <same overrides> resume={out}", highlight=False)
+                              f"after task {loop.state.completed_tasks} is in {out} (resume=true with that "
+                              f"folder as the run directory continues it).", highlight=False)
         raise
 
     results = collect_results(typed, state, learner, device, backend, stream, config, data_time, t_start,
-                              (train_threads, eval_threads))
+                              (train_threads, eval_threads), resumed=source is not None)
     path = Path(out) / typed.results_file
-    atomic_write_json(path, results)
-    for logger in loggers:
-        logger.log_final(results)
-        logger.close()
+    try:
+        atomic_write_json(path, results)  # the numbers first: on a nearly full disk they matter most
+    except BaseException:
+        for logger in loggers:
+            logger.on_interrupt(loop)
+        raise
+    finish_loggers(loggers, results)
     print_summary(_jsonable(results), console)
     if results["expected"] is not None:
         print_expected(results["expected"], console)
@@ -118,8 +161,9 @@ def run_experiment(cfg: DictConfig | dict, output_dir: str | os.PathLike, consol
 
 
 def collect_results(typed, state, learner, device, backend, stream, config: dict, data_time: float,
-                    t_start: float, threads: tuple[int, int]) -> dict:
-    """The results.json of one run (one seed) from its loop state."""
+                    t_start: float, threads: tuple[int, int], resumed: bool = False) -> dict:
+    """The results.json of one run (one seed) from its loop state; ``resumed``: whether it
+    continued from a checkpoint."""
     train_threads, eval_threads = threads
     seed = int(typed.seed)
     summary = metrics.summarize(state.acc_matrix, state.initial_acc)
@@ -141,7 +185,7 @@ def collect_results(typed, state, learner, device, backend, stream, config: dict
         "model_size_mb": learner.num_parameters() * 4 / 2**20,
         "peak_rss_mb": peak_rss_mb(),
         "gpu_peak_mem_mb": _gpu_peak_mb(),
-        "resumed": bool(typed.resume),
+        "resumed": resumed,
         "device": str(device),
         "threads": {"train": train_threads, "eval": eval_threads} if device.type == "cpu" else None,
         "seed": seed,
@@ -163,19 +207,23 @@ def collect_results(typed, state, learner, device, backend, stream, config: dict
 
 
 class CheckpointCallback(Callback):
-    """Writes the checkpoint after every task (atomically)."""
+    """Writes the checkpoint after every task (atomically). When the one after the last task
+    cannot be written (a full disk), the run goes on to write its results, which need less
+    room, and says so."""
 
-    def __init__(self, path: Path, config: dict):
+    def __init__(self, path: Path, config: dict, err_console: Console | None = None):
         self.path = path
         self.config = config
+        self.err_console = err_console or Console(stderr=True)
 
     def on_after_task(self, loop, task) -> None:
-        checkpoint.save(self.path, loop.learner, loop.state, self.config)
-
-
-def _checkpoint_in(resume) -> Path:
-    p = Path(str(resume)).expanduser()
-    return p if p.suffix == ".pt" else p / checkpoint.FILENAME
+        try:
+            checkpoint.save(self.path, loop.learner, loop.state, self.config)
+        except WriteError as ex:
+            if task.id != loop.stream.num_tasks - 1:
+                raise
+            self.err_console.print(f"[yellow]warning:[/yellow] {ex} The run is complete; its results "
+                                   f"are written next.", highlight=False)
 
 
 @contextlib.contextmanager
@@ -187,7 +235,7 @@ def _sigterm_as_interrupt():
         return
 
     def handler(signum, frame):
-        raise KeyboardInterrupt
+        raise Terminated
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:
@@ -247,12 +295,16 @@ def run_seeds(typed, out: Path, console: Console, err_console: Console, callback
         c = OmegaConf.to_container(OmegaConf.create(base))
         c["seed"], c["seeds"] = s, None
         seed_configs.append(c)
+    # Each seed's folder is checked before any seed trains (resume=auto: which ones continue).
+    resumes = [checkpoint.resume_source(out / f"seed={s}", typed.resume, typed.overwrite) for s in seeds]
     reason = None
     if typed.backend.name == "jax":
         from cl_runner.backends.jax.seeds import vectorization_blocker
 
         reason = vectorization_blocker(ALGORITHMS.get(typed.algo.name, backend="jax"),
                                        [PLUGINS.get(p, backend="jax") for p in typed.algo.plugins])
+        if reason is None and any(r is not None for r in resumes):
+            reason = "some seeds continue from their checkpoints (resume=auto)"
         if reason:
             err_console.print(f"{len(seeds)} seeds one after another: {reason}.", highlight=False)
     else:
@@ -260,8 +312,13 @@ def run_seeds(typed, out: Path, console: Console, err_console: Console, callback
                           f"seeds sequentially; backend=jax trains them together).", highlight=False)
     compilations = None
     if typed.backend.name == "jax" and reason is None:
-        per_seed, compilations = _run_vectorized(typed, seeds, seed_configs, out, err_console, callbacks,
-                                                 cpu_count, t_start)
+        with contextlib.ExitStack() as locks:  # each seed's folder, as its own run would hold it
+            for s in seeds:
+                locks.enter_context(run_dir_lock(check_writable(out / f"seed={s}")))
+                if typed.overwrite:
+                    checkpoint.clear_run(out / f"seed={s}", typed.results_file)
+            per_seed, compilations = _run_vectorized(typed, seeds, seed_configs, out, err_console, callbacks,
+                                                     cpu_count, t_start)
     else:
         per_seed = [run_experiment(c, out / f"seed={s}", console=console, callbacks=callbacks,
                                    cpu_count=cpu_count) for s, c in zip(seeds, seed_configs)]
@@ -338,15 +395,22 @@ def _run_vectorized(typed, seeds, seed_configs, out: Path, err_console: Console,
                 cb.on_interrupt(loop)
         raise
     per_seed = []
-    for (typed_s, run_out, loggers, _, config, data_time), loop, state in zip(runs, loops, states):
-        results = collect_results(typed_s, state, loop.learner, device, backend, loop.stream, config,
-                                  data_time, t_start, (train_threads, eval_threads))
-        results["vectorized_seeds"] = seeds
-        atomic_write_json(Path(run_out) / typed_s.results_file, results)
-        for logger in loggers:
-            logger.log_final(results)
-            logger.close()
-        per_seed.append(results)
+    try:
+        # Every seed's results.json first, then the loggers' final events (the plots): on a
+        # nearly full disk the numbers matter more than their pictures.
+        for (typed_s, run_out, _, _, config, data_time), loop, state in zip(runs, loops, states):
+            results = collect_results(typed_s, state, loop.learner, device, backend, loop.stream, config,
+                                      data_time, t_start, (train_threads, eval_threads))
+            results["vectorized_seeds"] = seeds
+            atomic_write_json(Path(run_out) / typed_s.results_file, results)
+            per_seed.append(results)
+        for (_, _, loggers, _, _, _), results in zip(runs, per_seed):
+            finish_loggers(loggers, results)
+    except BaseException:
+        for (_, _, loggers, _, _, _), loop in zip(runs, loops):
+            for logger in loggers:
+                logger.on_interrupt(loop)
+        raise
     return per_seed, group.compilations()
 
 

@@ -31,7 +31,7 @@ METRIC_TITLES = {"avg_acc": "avg acc (%)", "forgetting": "forgetting (%)", "bwt"
 # Config keys that never define a group: the seed (runs of one config over seeds are averaged)
 # and keys that do not change a run's numbers. A key ignores every key under it too.
 IGNORED_KEYS = ("seed", "data_dir", "cache_dir", "progress", "results_file", "loggers", "checkpoint",
-                "resume", "objective", "expected", "wandb", "source", "version")
+                "resume", "overwrite", "objective", "expected", "wandb", "source", "version")
 # Short column names for the keys that pick a component.
 SHORT_NAMES = {"algo.name": "algo", "benchmark.name": "benchmark", "backbone.type": "backbone",
                "optimizer.type": "optimizer", "backend.name": "backend"}
@@ -111,9 +111,11 @@ def load_runs(root: Path, results_name: str = "results.json",
 
 def jobs_without_results(root: Path, results_name: str = "results.json") -> list[Path]:
     """Job folders of Hydra (holding ``.hydra/config.yaml``) without a results file: failed,
-    interrupted or still running."""
-    return sorted(p.parent.parent for p in root.rglob(".hydra/config.yaml")
-                  if not (p.parent.parent / results_name).is_file())
+    interrupted or still running. A job of several seeds (``seeds=[...]``) keeps each seed's
+    results in ``seed=<s>/`` and is complete once its ``aggregate.json`` is written."""
+    jobs = (p.parent.parent for p in root.rglob(".hydra/config.yaml"))
+    return sorted(job for job in jobs
+                  if not (job / results_name).is_file() and not (job / "aggregate.json").is_file())
 
 
 def group_runs(runs: list[Run]) -> tuple[list[str], list[Group]]:

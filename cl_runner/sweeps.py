@@ -5,9 +5,9 @@ defaults, and a CPU budget for jobs that run side by side.
   option of the config group ``sweep`` (at the global package, as ``# @package _global_`` says at
   the top of each file), so ``clrun -m +sweep=rotatedmnist_methods`` runs one. A sweep file sets
   ``hydra.sweeper.params`` (and anything else, e.g. ``hydra/sweeper: optuna``).
-* ``${clrun.job_dirname:${hydra:job.override_dirname},${seed}}`` (``hydra.sweep.subdir`` in
-  ``conf/config.yaml``) names a job's directory from its overrides, seed last:
-  ``algo=ewc,optimizer.lr=0.1,seed=2``.
+* ``${clrun.job_dirname:${hydra:job.override_dirname},${seed},${seeds}}`` (``hydra.sweep.subdir``
+  in ``conf/config.yaml``) names a job's directory from its overrides, seed last:
+  ``algo=ewc,optimizer.lr=0.1,seed=2`` (``...,seeds=[0,1]`` for a job of several seeds).
 * When the Optuna sweeper is selected, its direction follows the ``objective`` metric
   (``avg_acc`` is maximised, ``forgetting`` minimised) and a failed trial does not stop the study,
   unless the command line says otherwise (see :func:`optuna_overrides`).
@@ -58,15 +58,18 @@ _broken_sweep_files: dict[tuple[str, str], str] = {}
 
 
 # -- job directories ----------------------------------------------------------------------------
-def job_dirname(override_dirname: Any, seed: Any) -> str:
+def job_dirname(override_dirname: Any, seed: Any, seeds: Any = None) -> str:
     """``<overrides>,seed=<seed>``: a readable name that differs between any two jobs of a sweep.
 
-    ``/`` in a value becomes ``_`` (a name must stay one directory). When the name would be longer
-    than :data:`MAX_DIRNAME_BYTES`, the overrides are cut and followed by a hash of all of them;
-    the seed stays at the end.
+    A job of several seeds (``seeds=[0,1]``, which replaces ``seed``) ends with ``seeds=[0,1]``
+    instead. ``/`` in a value becomes ``_`` (a name must stay one directory). When the name would
+    be longer than :data:`MAX_DIRNAME_BYTES`, the overrides are cut and followed by a hash of all
+    of them; the seed(s) stay at the end.
     """
     overrides = str(override_dirname or "").replace(os.sep, "_")
     suffix = "" if seed is None else f"seed={seed}"
+    if seeds is not None:
+        suffix = "seeds=[" + ",".join(str(s) for s in seeds) + "]"
     name = ",".join(p for p in (overrides, suffix) if p) or "job"
     if len(name.encode()) > MAX_DIRNAME_BYTES:
         digest = hashlib.sha1(overrides.encode()).hexdigest()[:12]
@@ -125,7 +128,10 @@ def register_sweep_files(directory: Path = SWEEPS_DIR, expected_dir: Path | None
                 node = OmegaConf.load(path)
             except Exception as ex:  # noqa: BLE001 - any YAML error is reported when the file is used
                 kind = "sweep file" if group == SWEEP_GROUP else "experiment file"
-                _broken_sweep_files[(group, name)] = f"{kind} {path} could not be read: {str(ex).splitlines()[0]}"
+                from cl_runner.errors import yaml_error_message
+
+                why = yaml_error_message(ex, path) if hasattr(ex, "problem_mark") else str(ex).splitlines()[0]
+                _broken_sweep_files[(group, name)] = f"{kind} {path} could not be read: {why}"
                 continue
             store.store(group=group, name=name, node=node, package="_global_",
                         provider=f"clrun {folder.name}/")
@@ -189,6 +195,35 @@ def sqlite_path(storage: Any) -> Path | None:
         return None
     path = storage[len("sqlite:///"):].split("?", 1)[0]
     return Path(path) if path and path != ":memory:" else None
+
+
+def prepare_sqlite_storage(storage: Any) -> None:
+    """Create the folder and the tables of a ``sqlite:///`` study storage, one process at a time.
+
+    Several sweeps may start on one study at the same moment (e.g. the tasks of a SLURM job array,
+    each running ``clrun -m hydra/sweeper=optuna`` on a shared file). Optuna creates the tables of
+    a new database and stamps its schema version when it opens it, and two processes doing so at
+    once collide (``UNIQUE constraint failed: alembic_version.version_num``). Opening the storage
+    here, under an exclusive ``flock`` on ``<database>.lock``, leaves the first process to create
+    the tables and the others to find them; the study itself is then created or loaded by the
+    sweeper, which Optuna handles for concurrent processes. Other storages are left as they are.
+    """
+    path = sqlite_path(storage)
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+
+        from optuna.storages import RDBStorage
+    except ImportError:  # no flock (Windows), or no Optuna: Hydra says that the plugin is missing
+        return
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            RDBStorage(str(storage)).engine.dispose()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 # -- CPU budget -----------------------------------------------------------------------------------

@@ -407,8 +407,11 @@ def run(data_dir, out, benchmark: str, algo: str, lr: float, subset: int, **algo
 SPLIT = dict(benchmark="splitmnist", lr=0.03, subset=1000)
 
 
-# Measured (seed 0): naive 19.3; iCaRL (K = 200, herding, 1 epoch) 75.6; GDumb (K = 200, 32 epochs,
-# the paper's recipe otherwise) 79.7.
+# Measured at seeds 0-4: naive 19.3 19.1 19.3 19.3 19.3; iCaRL (K = 200, herding, 1 epoch) 75.6 74.0
+# 72.4 76.9 74.3, gain over naive mean 55.4, sd 1.7; GDumb (K = 200, 32 epochs, the paper's recipe
+# otherwise) 78.8 79.9 77.0 80.3 80.2, gain mean 60.0, sd 1.5. Lowest accuracy of a task at the
+# end: iCaRL 65.4 62.1 56.6 64.2 60.7 (mean - 3 sd: 51.3), GDumb 66.0 66.9 58.7 73.1 72.9 (49.9).
+# The test asks for a gain of 40 points and every task above 45%.
 @pytest.fixture(scope="module")
 def split_naive(shared_data_dir, tmp_path_factory):
     return run(shared_data_dir, tmp_path_factory.mktemp("split-naive"), algo="naive", **SPLIT)
@@ -423,7 +426,7 @@ def test_icarl_and_gdumb_beat_naive_on_class_il_split_mnist(shared_data_dir, tmp
     res = run(shared_data_dir, tmp_path_factory.mktemp(algo), algo=algo, **SPLIT, **keys)
     assert naive["avg_acc"] < 25
     assert res["avg_acc"] > naive["avg_acc"] + 40, (naive["avg_acc"], res["avg_acc"])
-    assert np.asarray(res["acc_matrix"])[-1].min() > 50  # every class pair is still recognised
+    assert np.asarray(res["acc_matrix"])[-1].min() > 45  # every class pair is still recognised
 
 
 # Measured (1000 images per task, lr 0.1, batch 10, the paper's memory of 256 per task and margin

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from conftest import TINY, read_results, run_clrun
+from cl_runner import checkpoint
 
 ARGS = ["benchmark=rotatedmnist", "benchmark.num_tasks=4", "algo=ewc", "backbone.dropout=0.2",
         "optimizer.momentum=0.8", *TINY]
@@ -70,7 +71,7 @@ def test_resume_with_a_different_config_is_an_error(tmp_path, tiny_data_dir):
 def test_corrupt_checkpoint_is_an_error_not_a_restart(tmp_path, tiny_data_dir):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    (run_dir / checkpoint.FILENAME).write_bytes(b"not a checkpoint")
     res = run_clrun([*ARGS, f"data_dir={tiny_data_dir}", f"hydra.run.dir={run_dir}", "resume=true"], tmp_path)
     assert res.returncode == 2
     assert "corrupt" in res.stderr
@@ -96,7 +97,7 @@ def test_in_process_checkpoint_round_trip(tmp_path, tiny_data_dir, algo):
            "benchmark": {"name": "permutedmnist", "num_tasks": 2, "batch_size": 32},
            "backbone": {"width": 16}, "loggers": []}
     run_experiment(cfg, tmp_path)
-    payload = checkpoint.load(tmp_path / "checkpoint.pt")
+    payload = checkpoint.load(tmp_path / checkpoint.FILENAME)
     assert payload["loop"]["completed_tasks"] == 2
     state = payload["learner"]
     assert set(state) >= {"model", "optimizer", "generator", "parts"}

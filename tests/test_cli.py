@@ -190,7 +190,7 @@ def test_corrupt_data_file(tmp_path, tiny_data_dir):
 
 def test_nan_loss(tmp_path, tiny_data_dir):
     proc = clrun(tmp_path, "algo=naive", "benchmark.num_tasks=2", "optimizer.lr=1e30", data_dir=tiny_data_dir)
-    assert_failed(proc, "task 0", "step", "optimizer.lr")
+    assert_failed(proc, "task 1", "step", "optimizer.lr")
     assert not (tmp_path / "run" / "results.json").exists()
 
 

@@ -583,7 +583,7 @@ def test_diverging_loss_names_task_epoch_and_first_bad_step():
     x = np.array(jl.train_x)
     x[7] = np.nan  # sample 7 poisons its step's loss and, through the update, every later one
     jl.train_x = jl.put(x)
-    with pytest.raises(TrainingDivergedError, match=r"task 1 \(of 2\), epoch 3, step \d+") as info:
+    with pytest.raises(TrainingDivergedError, match=r"task 2 \(of 2\), epoch 4, step \d+") as info:
         jl.train_epoch(task, 3)
     assert "nan" in str(info.value)
     step = int(re.search(r"step (\d+)", str(info.value)).group(1))
@@ -660,7 +660,7 @@ def test_joint_final_mode_trains_only_at_the_last_task():
 
 # -- parity on the real MNIST ---------------------------------------------------------------------
 
-PARITY_TOLERANCE = 3.5  # points of final average accuracy; see the test's docstring
+PARITY_TOLERANCE = 2.0  # points of final average accuracy; see the test's docstring
 
 
 @pytest.fixture(scope="module")
@@ -674,17 +674,21 @@ def permuted_mnist(shared_data_dir, tmp_path_factory):
 @pytest.mark.parametrize("name,algo", [("naive", {}), ("ewc", {"ewc_lambda": 10.0}), ("joint", {})])
 def test_final_accuracy_matches_pytorch_on_permuted_mnist(permuted_mnist, name, algo):
     """Permuted MNIST, 3 tasks of 2000 images (2000 test images each), MLP 784-256-256-10, SGD
-    lr 0.05, batch 10, one epoch, seed 0. Both backends start from the same weights (copied), so
-    only the order in which each draws the samples differs (the step-for-step test above shows the
-    arithmetic is the same). Measured over seeds 0-5 (jax - torch, final average accuracy):
-    naive +0.8 +- 1.5 (max |d| 3.1), ewc +0.6 +- 1.3 (3.2), joint +0.4 +- 0.7 (1.5); at seed 0
-    +1.6, +1.1, -0.3. Tolerance: 3.5 points."""
+    lr 0.05, batch 10, one epoch, seed 0. Both backends start from the same weights (copied) and
+    the PyTorch learner is given the JAX learner's sample order (test_jax_parity2.jax_order), so
+    the runs are the same computation up to the kernels' rounding. Measured (jax - torch, final
+    average accuracy, points) at learner seeds 0-4: naive 0 0 0 -0.38 0, ewc 0 0 -0.05 -0.48 0,
+    joint 0 0 +0.82 +0.18 -0.55 (largest |mean| + 3 sd: joint's, 1.6). Tolerance: 2 points. (With
+    each backend's own sample order the runs differ as two seeds would: sd 1.3-1.5 points.)"""
+    from test_jax_parity2 import jax_order
+
     kw = dict(algo=algo, backbone={"width": 256}, optimizer={"lr": 0.05},
               benchmark={"name": "permutedmnist", "batch_size": 10, "eval_batch_size": 1000})
     tl = torch_learner(permuted_mnist, name, **kw)
     tl.set_threads(1, 2)  # as threads=auto does for this model on CPU
     jl = copy_torch_weights(tl, jax_learner(permuted_mnist, name, **kw))
-    t_acc = ContinualLoop(tl, permuted_mnist).run().acc_matrix[-1].mean()
+    with jax_order(jl):
+        t_acc = ContinualLoop(tl, permuted_mnist).run().acc_matrix[-1].mean()
     j_acc = ContinualLoop(jl, permuted_mnist).run().acc_matrix[-1].mean()
     assert t_acc > 80 and j_acc > 80
     assert abs(j_acc - t_acc) <= PARITY_TOLERANCE, (name, t_acc, j_acc)

@@ -47,7 +47,6 @@ def test_new_methods_are_registered_for_jax():
 
 # -- 1. final accuracy on real data ------------------------------------------------------------------
 
-PARITY_TOLERANCE = 5.0  # points of final average accuracy; see the test's docstring
 PARITY_ALGOS = {
     "naive": {}, "ewc": {"ewc_lambda": 10.0}, "ewc_online": {"ewc_lambda": 10.0, "ewc_gamma": 0.9},
     "si": {"si_c": 0.1}, "mas": {"mas_lambda": 0.1, "mas_samples": 500}, "lwf": {"alpha": 1.0},
@@ -55,6 +54,10 @@ PARITY_ALGOS = {
     "derpp": {"mem_size": 200, "alpha": 0.3, "beta": 0.5},
     "agem": {"mem_per_task": 100, "replay_batch_size": 64},
 }
+# Points of final average accuracy (jax - torch) allowed, each from the differences measured at
+# learner seeds 0-4 (no memory) or 0-9 (replay memories), listed in the test's docstring.
+PARITY_TOLERANCE = {"naive": 1.0, "ewc": 1.0, "ewc_online": 1.0, "si": 1.0, "mas": 1.0, "lwf": 1.0,
+                    "er": 4.0, "der": 5.0, "derpp": 3.0, "agem": 7.0}
 
 
 @pytest.fixture(scope="module")
@@ -69,23 +72,35 @@ def small_permuted_mnist(shared_data_dir, tmp_path_factory):
 def test_final_accuracy_matches_pytorch(small_permuted_mnist, name):
     """Permuted MNIST (the real files), 3 tasks of 1000 training and 1000 test images, MLP
     784-100-100-10, SGD lr 0.05, batch 10, one epoch, seed 0, the hyperparameters of
-    PARITY_ALGOS on both backends and the same initial weights (copied). The backends draw the
-    sample order, memory insertions and memory batches from different generators, so the runs
-    differ as two seeds of one backend would (the step-for-step test below shows the arithmetic
-    is the same). Measured at seeds 0, 1, 2 (jax - torch, final average accuracy, points):
-    naive -0.8 +1.1 -0.3, ewc -1.9 +2.4 -3.8, ewc_online -2.0 +2.3 -3.1, si -1.9 +1.5 -0.7,
-    mas -4.4 +4.3 -4.0, lwf -2.1 +0.2 -3.8, er -1.0 -0.3 +1.7, der -1.3 +2.1 +1.4,
-    derpp +0.7 +0.9 +0.7, agem -2.5 +1.4 +2.3: no sign bias beyond the noise of 1000 test
-    images per task. Tolerance: 5 points."""
+    PARITY_ALGOS on both backends, the same initial weights (copied) and the same sample order
+    (the PyTorch learner is given the JAX learner's permutations, as in test_jax_parity2.py).
+
+    Without a replay memory nothing else is random (EWC's and MAS's samples are drawn alike on
+    both backends), so the runs are the same computation up to the kernels' rounding. Measured
+    (jax - torch, points) at learner seeds 0-4: 0.00 for naive, EWC, online EWC, SI and LwF at
+    every seed, MAS -0.10 0 0 0 0. Tolerance: 1 point (30 of the 3000 test images).
+
+    ER, DER, DER++ and A-GEM also draw memory insertions and replay batches, from different
+    generators on each backend, so their runs differ as two seeds of one backend would. Measured
+    at learner seeds 0-9 (jax - torch, points): ER -0.27 +2.00 -1.33 +0.43 +0.57 +1.23 -0.47
+    +1.90 -0.37 -0.10 (mean +0.36, sd 1.08); DER -2.17 -1.77 -0.63 +1.20 -0.30 +0.37 +2.77 -1.17
+    +0.13 +0.53 (-0.10, 1.46); DER++ -0.23 +1.67 -0.77 +0.47 +0.17 +0.53 -0.77 +0.67 +0.97 -0.43
+    (+0.23, 0.79); A-GEM +3.90 +0.53 +0.37 -0.90 -1.40 -0.67 +2.83 +1.33 +3.20 +0.80 (+1.00,
+    1.81). Tolerance: |mean| + 3 sd, rounded up (4, 5, 3 and 7 points). With each backend's
+    own sample order the spread is about twice as large (A-GEM: sd 3.56, up to 8.3 points),
+    which is why the order is shared."""
+    from test_jax_parity2 import jax_order
+
     kw = dict(algo=PARITY_ALGOS[name], backbone={"width": 100}, optimizer={"lr": 0.05},
               benchmark={"name": "permutedmnist", "batch_size": 10, "eval_batch_size": 1000})
     tl = torch_learner(small_permuted_mnist, name, **kw)
     tl.set_threads(1, 2)
     jl = copy_torch_weights(tl, jax_learner(small_permuted_mnist, name, **kw))
-    t_acc = ContinualLoop(tl, small_permuted_mnist).run().acc_matrix[-1].mean()
+    with jax_order(jl):
+        t_acc = ContinualLoop(tl, small_permuted_mnist).run().acc_matrix[-1].mean()
     j_acc = ContinualLoop(jl, small_permuted_mnist).run().acc_matrix[-1].mean()
     assert t_acc > 70 and j_acc > 70
-    assert abs(j_acc - t_acc) <= PARITY_TOLERANCE, (name, t_acc, j_acc)
+    assert abs(j_acc - t_acc) <= PARITY_TOLERANCE[name], (name, t_acc, j_acc)
 
 
 # -- 2. importances and trajectories, step for step --------------------------------------------------

@@ -348,7 +348,12 @@ def small_split_mnist(shared_data_dir, tmp_path_factory):
     return build_stream(cfg.benchmark, 0, shared_data_dir, tmp_path_factory.mktemp("smnist-parity3"))
 
 
-ACCURACY_TOLERANCE = {"mcsgd": 5.0, "lamaml": 6.0, "pnn": 1.0, "kcl": 5.0}
+# Points of final average accuracy (jax - torch) allowed; mcsgd and kcl: |mean| + 3 sd of the
+# differences measured at learner seeds 0-9 (see the test's docstring).
+ACCURACY_TOLERANCE = {"mcsgd": 26.0, "lamaml": 6.0, "pnn": 1.0, "kcl": 3.0}
+# The least final average accuracy either backend must reach (chance: 10%); mcsgd: below the
+# lowest of the 20 runs measured (45.3), about its mean - 3 sd.
+ACCURACY_FLOOR = {"mcsgd": 35.0, "lamaml": 50.0, "pnn": 50.0, "kcl": 50.0}
 ACCURACY_RUNS = {
     "mcsgd": ("small_permuted_mnist", {"per_task_memory_samples": 100, "lmc_line_samples": 5}, {}),
     "lamaml": ("small_permuted_mnist", {"glances": 2, "mem_size": 200}, {}),
@@ -368,10 +373,13 @@ def test_final_accuracy_matches_pytorch(request, monkeypatch, name):
     backends build at the start (MC-SGD, La-MAML: copied; KCL's inference networks are drawn by
     each backend), different sample orders, memory draws, La-MAML batch splits and KCL coresets,
     so the runs differ as two seeds of one backend would (the exact tests above show the
-    arithmetic is the same). Measured (jax - torch, points): mcsgd +2.9 at seed 0; lamaml +0.2,
+    arithmetic is the same). Measured (jax - torch, points): mcsgd at learner seeds 0-9 +2.87
+    +2.63 -3.63 +10.20 -10.43 +4.83 -6.63 +12.43 +8.63 +6.43 (mean +2.7, sd 7.5: MC-SGD's own
+    accuracy here swings between seeds, torch 45.3-58.3 and jax 45.7-61.1, and giving both the
+    same sample order does not narrow it: sd 7.3 over the same seeds); kcl at seeds 0-9 +0.53
+    -0.47 +0.07 +1.13 +0.80 -0.40 -1.00 +0.47 +0.13 -0.13 (mean +0.1, sd 0.6); lamaml +0.2,
     +0.1, -5.7, -0.8 at seeds 0-3 (one glance is much noisier: +-20 between seeds on either
-    backend, so it is not used here); kcl -0.04 at seed 0 (500 images per task). Tolerance:
-    ACCURACY_TOLERANCE points.
+    backend, so it is not used here). Tolerance: ACCURACY_TOLERANCE points.
 
     PNN: every column's initial weights copied and both backends walk the data in its stored
     order (the permutations replaced by the identity), so the runs are the same computation:
@@ -408,7 +416,7 @@ def test_final_accuracy_matches_pytorch(request, monkeypatch, name):
     else:
         t_acc = ContinualLoop(tl, stream).run().acc_matrix[-1].mean()
         j_acc = ContinualLoop(jl, stream).run().acc_matrix[-1].mean()
-    assert t_acc > 50 and j_acc > 50, (t_acc, j_acc)
+    assert t_acc > ACCURACY_FLOOR[name] and j_acc > ACCURACY_FLOOR[name], (t_acc, j_acc)
     assert jl.trace_counts["epoch"] == 1 and jl.trace_counts["eval"] == 1
     if name == "mcsgd":  # the stage compiled once; 100 samples of every task kept
         assert jl.trace_counts["lmc"] == 1

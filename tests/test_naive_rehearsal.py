@@ -190,6 +190,10 @@ def test_beats_naive_in_class_il_on_real_split_mnist(shared_data_dir, tmp_path, 
 
 @pytest.mark.slow
 def test_torch_jax_parity_on_real_split_mnist(shared_data_dir, tmp_path, real_torch):
+    """Each backend draws its own initial weights, sample orders and memory, so the two runs
+    differ as two seeds would. Measured (jax - torch, average accuracy, points) at seeds 0-9:
+    -0.32 +0.90 -4.32 -0.52 -0.30 +1.60 +0.42 +1.46 -1.38 +0.40 (mean -0.2, sd 1.7). Tolerance:
+    |mean| + 3 sd, 5.35, rounded up to 6 points."""
     pytest.importorskip("jax")
     jax_res = real(shared_data_dir, tmp_path, "naive_rehearsal", backend="jax")
-    assert abs(jax_res["avg_acc"] - real_torch["avg_acc"]) < 4, (real_torch["avg_acc"], jax_res["avg_acc"])
+    assert abs(jax_res["avg_acc"] - real_torch["avg_acc"]) <= 6, (real_torch["avg_acc"], jax_res["avg_acc"])

@@ -166,6 +166,27 @@ def test_job_without_results_and_unreadable_file_are_noted(sweep, capsys):
     assert "unreadable results file" in err and "broken" in err
 
 
+def test_job_of_several_seeds_counts_as_complete_once_aggregated(tmp_path, capsys):
+    """A job run with seeds=[...] writes seed=<s>/results.json per seed and aggregate.json in its
+    own folder: each seed is a run of the report, and the job is not listed as without results
+    once aggregate.json is there (a job whose aggregate is missing was interrupted)."""
+    root = tmp_path / "multirun"
+    for job, seeds, accs in (("seeds=[0,1]", (0, 1), (70.0, 72.0)), ("seeds=[2,3]", (2, 3), (77.0, 80.0))):
+        (root / job / ".hydra").mkdir(parents=True)
+        (root / job / ".hydra" / "config.yaml").write_text("seeds: [0, 1]\n")
+        for seed, acc in zip(seeds, accs):
+            write_run(root / job, f"seed={seed}", run_config("algo=naive", f"seed={seed}"), acc, 10.0, -10.0)
+    (root / "seeds=[0,1]" / "aggregate.json").write_text("{}")
+    rows = csv_rows(root)
+    # One group of four runs: mean of 70, 72, 77, 80 = 74.75.
+    assert [(r["runs"], float(r["avg_acc_mean"])) for r in rows] == [("4", pytest.approx(74.75))]
+    err = " ".join(capsys.readouterr().err.split())
+    assert "1 job folder(s) without results.json" in err and "seeds=[2,3]" in err
+    (root / "seeds=[2,3]" / "aggregate.json").write_text("{}")
+    csv_rows(root)
+    assert "without results.json" not in capsys.readouterr().err
+
+
 def test_command_lines(sweep, tmp_path):
     """The installed clrun-report and python -m cl_runner.report; errors exit with status 2."""
     proc = subprocess.run(["clrun-report", str(sweep), "--format", "markdown", "--plot", str(tmp_path / "a.png")],

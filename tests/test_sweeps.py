@@ -108,6 +108,9 @@ def test_subdir_names(tmp_path):
     assert long != other  # the hash keeps shortened names apart
     assert long.endswith(",seed=3") and other.endswith(",seed=4")
     (tmp_path / long).mkdir()  # and the file system takes it
+    # A job of several seeds ends with them (the unused seed is left out).
+    assert sweeps.job_dirname("algo=ewc", 0, [0, 1]) == "algo=ewc,seeds=[0,1]"
+    assert sweeps.job_dirname("", 0, [2, 3]) == "seeds=[2,3]"
 
 
 def test_precheck_validates_every_job_of_a_grid(tmp_path, capsys):

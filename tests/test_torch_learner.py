@@ -334,7 +334,7 @@ def test_divergence_names_task_and_step():
     with pytest.raises(TrainingDivergedError) as ei:
         ContinualLoop(learner, stream, eval_initial=False).run()
     msg = str(ei.value)
-    assert "task 0" in msg and "step" in msg and "optimizer.lr" in msg
+    assert "task 1 (of" in msg and "step" in msg and "optimizer.lr" in msg
 
 
 def test_joint_trains_on_the_union_of_seen_tasks():

@@ -11,7 +11,9 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -24,7 +26,17 @@ from cl_runner.data.datasets import (ImageDataset, default_cache_dir, default_da
                                      load_image_dataset)
 from cl_runner.registry import BENCHMARKS
 
-CACHE_FORMAT = 3  # 2: nearest rotation computed in fixed point, as PIL does; 3: pixel-remap plans
+# 2: nearest rotation computed in fixed point, as PIL does; 3: pixel-remap plans; 4: each file's
+# SHA-256 and size in meta.json, checked on load.
+CACHE_FORMAT = 4
+# A writer's temporary folder holds this file locked while it writes (see remove_stale_tmp).
+_WRITER_LOCK = ".writer.lock"
+# Temporary folders without that lock (older clrun) count as abandoned after this long.
+_UNLOCKED_TMP_AGE_S = 24 * 3600
+
+
+class CacheError(ValueError):
+    """A stream cache entry is damaged or incomplete (it is deleted and built again)."""
 
 
 @dataclass
@@ -104,9 +116,12 @@ def build_stream(bcfg, seed: int, data_dir=None, cache_dir=None, use_cache: bool
     path = root / "streams" / cache_key(bcfg, seed, source)
     if use_cache and source is not None and (path / "meta.json").is_file():
         try:
-            return load_cached(path)
-        except (OSError, ValueError, KeyError):
-            shutil.rmtree(path, ignore_errors=True)  # a damaged cache entry is rebuilt
+            return _warn_clipped_subsets(load_cached(path), bcfg)
+        except Exception as ex:  # noqa: BLE001 - whatever is wrong with an entry, it is rebuilt
+            reason = str(ex) if isinstance(ex, CacheError) else f"{type(ex).__name__}: {ex}"
+            print(f"clrun: the cached stream {path} is damaged ({reason}); it is deleted and built again.",
+                  file=sys.stderr, flush=True)
+            shutil.rmtree(path, ignore_errors=True)
     dataset = load_image_dataset(recipe.dataset, data_dir)
     if source is None:  # the files were downloaded just now
         path = root / "streams" / cache_key(bcfg, seed, source_fingerprint(recipe.dataset, data_dir))
@@ -124,7 +139,84 @@ def build_stream(bcfg, seed: int, data_dir=None, cache_dir=None, use_cache: bool
             save_cached(stream, path)
         except OSError:
             pass  # a read-only cache is not an error; the next run builds again
+    return _warn_clipped_subsets(stream, bcfg)
+
+
+def _warn_clipped_subsets(stream: Stream, bcfg) -> Stream:
+    """Say so when ``subset`` / ``test_subset`` asks for more samples than a task has (the task
+    then uses all of its samples)."""
+    for key, n, sizes in (("subset", bcfg.subset, [t.num_train for t in stream.tasks]),
+                          ("test_subset", bcfg.test_subset, [t.num_test for t in stream.tasks])):
+        short = [(i + 1, size) for i, size in enumerate(sizes) if n is not None and size < n]
+        if short:
+            which = ", ".join(f"task {i} has {size}" for i, size in short[:5]) + (", ..." if len(short) > 5 else "")
+            print(f"warning: benchmark.{key}={n} is more than some tasks have ({which}); those tasks use "
+                  f"all their samples. Set benchmark.{key} to at most {min(s for _, s in short)} to "
+                  f"draw the same number from every task.", file=sys.stderr, flush=True)
     return stream
+
+
+def _sha256(file: Path) -> str:
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_synced(file: Path, write) -> dict:
+    """Write ``file`` with ``write(f)``, flushed to the disk; its size and SHA-256."""
+    with open(file, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"bytes": file.stat().st_size, "sha256": _sha256(file)}
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory descriptors
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_tmp(streams_dir: Path) -> None:
+    """Delete the temporary folders that writers killed mid-write left in ``streams_dir``. A
+    writer holds a flock on a file in its folder while it writes, and the kernel drops it when
+    the writer dies: a folder whose lock can be taken is abandoned. (Folders without that file
+    come from an older clrun and count as abandoned after a day.)"""
+    import fcntl
+
+    try:
+        candidates = [p for p in streams_dir.iterdir() if p.name.startswith(".tmp-") and p.is_dir()]
+    except OSError:
+        return
+    for tmp in candidates:
+        lock_file = tmp / _WRITER_LOCK
+        try:
+            fd = os.open(lock_file, os.O_RDWR)
+        except FileNotFoundError:
+            try:
+                if time.time() - tmp.stat().st_mtime > _UNLOCKED_TMP_AGE_S:
+                    shutil.rmtree(tmp, ignore_errors=True)
+            except OSError:
+                pass
+            continue
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # its writer is alive
+        finally:
+            os.close(fd)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_cached(stream: Stream, path: Path) -> None:
@@ -133,11 +225,24 @@ def save_cached(stream: Stream, path: Path) -> None:
     Images that are pixel remaps of the source splits (``stream.plan``) are stored as the plan:
     the source splits once and each task's index. The other arrays are stored as .npy files and,
     once written, replaced in the stream by read-only memory maps of their files, so the built
-    copy is freed task by task and the run reads the same pages the cache holds."""
+    copy is freed task by task and the run reads the same pages the cache holds. Every file is
+    flushed to the disk before the folder is renamed into place, and meta.json records each
+    file's size and SHA-256 for :func:`load_cached` to check."""
+    import fcntl
+
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(path.parent)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
+    lock_fd = os.open(tmp / _WRITER_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(lock_fd, fcntl.LOCK_EX)  # held until this writer is done (or dies)
     plan = stream.plan
     planned = {} if plan is None else plan.parts
+    files: dict[str, dict] = {}
+
+    def save(name: str, array: np.ndarray) -> Path:
+        files[name] = _write_synced(tmp / name, lambda f: np.save(f, array, allow_pickle=False))
+        return tmp / name
+
     try:
         tasks_meta = []
         for t in stream.tasks:
@@ -145,57 +250,132 @@ def save_cached(stream: Stream, path: Path) -> None:
             for part in ("train_x", "train_y", "test_x", "test_y"):
                 g = planned.get((t.id, part))
                 if g is not None:
-                    np.save(tmp / f"task{t.id}_{part}_index.npy", g.index)
+                    save(f"task{t.id}_{part}_index.npy", g.index)
                     if g.rows is not None:
-                        np.save(tmp / f"task{t.id}_{part}_rows.npy", g.rows)
+                        save(f"task{t.id}_{part}_rows.npy", g.rows)
                     gathered[part] = {"split": g.split, "rows": g.rows is not None}
                     continue
-                file = tmp / f"task{t.id}_{part}.npy"
-                np.save(file, getattr(t, part))
+                file = save(f"task{t.id}_{part}.npy", getattr(t, part))
                 setattr(t, part, np.load(file, mmap_mode="r"))
             tasks_meta.append({"id": t.id, "classes": t.classes.tolist(), "info": t.info,
                                "gathered": gathered})
         splits = sorted({g.split for g in planned.values()})
         for split in splits:
-            np.save(tmp / f"base_{split}.npy", plan.bases[split])
+            save(f"base_{split}.npy", plan.bases[split])
         meta = {"name": stream.name, "scenario": stream.scenario, "num_outputs": stream.num_outputs,
                 "input_shape": list(stream.input_shape), "mean": list(stream.mean),
-                "std": list(stream.std), "tasks": tasks_meta, "bases": splits, "format": CACHE_FORMAT}
-        (tmp / "meta.json").write_text(json.dumps(meta))
+                "std": list(stream.std), "tasks": tasks_meta, "bases": splits, "format": CACHE_FORMAT,
+                "files": files}
+        _write_synced(tmp / "meta.json", lambda f: f.write(json.dumps(meta).encode()))
+        os.unlink(tmp / _WRITER_LOCK)
+        _fsync_dir(tmp)
         try:
             os.rename(tmp, path)
         except OSError:
             if not (path / "meta.json").is_file():  # another process won the race otherwise
                 raise
+        _fsync_dir(path.parent)
     finally:
+        os.close(lock_fd)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _check_meta(meta: Any) -> None:
+    if not isinstance(meta, dict):
+        raise CacheError(f"meta.json holds {type(meta).__name__}, not an object")
+    need = {"name": str, "scenario": str, "num_outputs": int, "input_shape": list, "mean": list, "std": list,
+            "tasks": list, "bases": list, "format": int, "files": dict}
+    for key, kind in need.items():
+        if not isinstance(meta.get(key), kind):
+            raise CacheError(f"meta.json lacks '{key}'")
+    if meta["format"] != CACHE_FORMAT:
+        raise CacheError(f"format {meta['format']}, not {CACHE_FORMAT}")
+    if not meta["tasks"]:
+        raise CacheError("no tasks")
+    for tm in meta["tasks"]:
+        if not (isinstance(tm, dict) and isinstance(tm.get("id"), int) and isinstance(tm.get("classes"), list)
+                and isinstance(tm.get("gathered"), dict) and isinstance(tm.get("info"), dict)):
+            raise CacheError("a task's entry in meta.json is incomplete")
+
+
+def _check_files(path: Path, files: dict) -> None:
+    """Every file meta.json lists has its recorded size and SHA-256."""
+    for name, rec in files.items():
+        if "/" in name or name.startswith("."):
+            raise CacheError(f"meta.json names the file {name!r}")
+        file = path / name
+        try:
+            size = file.stat().st_size
+        except FileNotFoundError:
+            raise CacheError(f"{name} is missing") from None
+        if not isinstance(rec, dict) or size != rec.get("bytes"):
+            raise CacheError(f"{name} has {size} bytes, not the {rec.get('bytes') if isinstance(rec, dict) else '?'} written")
+        if _sha256(file) != rec.get("sha256"):
+            raise CacheError(f"{name} does not match its checksum")
+
+
+def _check_stream(stream: Stream) -> None:
+    """Shapes, dtypes and label range of a loaded stream."""
+    shape = tuple(stream.input_shape)
+    for t in stream.tasks:
+        for split in ("train", "test"):
+            x, y = getattr(t, f"{split}_x"), getattr(t, f"{split}_y")
+            if x.dtype != np.uint8 or tuple(x.shape[1:]) != shape:
+                raise CacheError(f"task {t.id + 1}'s {split} images are {x.dtype} {x.shape[1:]}, not uint8 {shape}")
+            if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
+                raise CacheError(f"task {t.id + 1}'s {split} labels do not fit its {len(x)} images")
+            if len(y) and (int(y.min()) < 0 or int(y.max()) >= stream.num_outputs):
+                raise CacheError(f"task {t.id + 1}'s {split} labels lie outside [0, {stream.num_outputs})")
+        if len(t.classes) and (t.classes.min() < 0 or t.classes.max() >= stream.num_outputs):
+            raise CacheError(f"task {t.id + 1}'s classes lie outside [0, {stream.num_outputs})")
+
+
 def load_cached(path: Path) -> Stream:
-    meta = json.loads((path / "meta.json").read_text())
-    plan = GatherPlan(bases={s: np.load(path / f"base_{s}.npy", mmap_mode="r") for s in meta["bases"]})
+    """The stream cached under ``path``, after checking every file against the size and SHA-256
+    in meta.json and every label and pixel index against its range; a CacheError otherwise."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as ex:
+        raise CacheError(f"meta.json is unreadable ({ex})") from None
+    _check_meta(meta)
+    _check_files(path, meta["files"])
+    listed = set(meta["files"])
+
+    def load(name: str, mmap: bool = False) -> np.ndarray:
+        if name not in listed:
+            raise CacheError(f"{name} is not listed in meta.json")
+        return np.load(path / name, mmap_mode="r" if mmap else None, allow_pickle=False)
+
+    plan = GatherPlan(bases={s: load(f"base_{s}.npy", mmap=True) for s in meta["bases"]})
     arrays = []
     for tm in meta["tasks"]:
         parts = {}
         for part in ("train_x", "train_y", "test_x", "test_y"):
             g = tm["gathered"].get(part)
             if g is None:
-                parts[part] = np.load(path / f"task{tm['id']}_{part}.npy", mmap_mode="r")
+                parts[part] = load(f"task{tm['id']}_{part}.npy", mmap=True)
                 continue
-            rows = np.load(path / f"task{tm['id']}_{part}_rows.npy") if g["rows"] else None
-            plan.parts[(tm["id"], part)] = PixelGather(
-                g["split"], np.load(path / f"task{tm['id']}_{part}_index.npy"), rows)
+            if g.get("split") not in plan.bases:
+                raise CacheError(f"task {tm['id'] + 1} gathers from a split that is not cached")
+            rows = load(f"task{tm['id']}_{part}_rows.npy") if g.get("rows") else None
+            plan.parts[(tm["id"], part)] = PixelGather(g["split"], load(f"task{tm['id']}_{part}_index.npy"), rows)
         arrays.append(parts)
     keys = list(plan.parts)
     gather = {} if keys else None
-    for key, x in zip(keys, gather_all(plan.bases, [plan.parts[key] for key in keys], record=gather)):
+    try:  # gather_all checks every index and row against its base
+        gathered = gather_all(plan.bases, [plan.parts[key] for key in keys], record=gather)
+    except ValueError as ex:
+        raise CacheError(str(ex)) from None
+    for key, x in zip(keys, gathered):
         arrays[key[0]][key[1]] = x
     tasks = [Task(id=tm["id"], classes=np.asarray(tm["classes"], dtype=np.int64), info=tm["info"],
                   **parts) for tm, parts in zip(meta["tasks"], arrays)]
-    return Stream(name=meta["name"], scenario=meta["scenario"], tasks=tasks,
-                  num_outputs=meta["num_outputs"], input_shape=tuple(meta["input_shape"]),
-                  mean=tuple(meta["mean"]), std=tuple(meta["std"]), plan=plan if plan.parts else None,
-                  gather=gather)
+    stream = Stream(name=meta["name"], scenario=meta["scenario"], tasks=tasks,
+                    num_outputs=meta["num_outputs"], input_shape=tuple(meta["input_shape"]),
+                    mean=tuple(meta["mean"]), std=tuple(meta["std"]), plan=plan if plan.parts else None,
+                    gather=gather)
+    _check_stream(stream)
+    return stream
 
 
 def subset_rows(total: int, n: int | None, rng: np.random.Generator) -> np.ndarray | None:

@@ -8,6 +8,7 @@ subclass registered under a name usable in ``loggers=[...]``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -19,7 +20,7 @@ from cl_runner.core.callbacks import Callback
 from cl_runner.errors import ConfigError
 from cl_runner.metrics import TASK_IL_KEYS as FINAL_TASK_IL
 from cl_runner.registry import CALLBACKS
-from cl_runner.utils.io import atomic_write_text, to_jsonable
+from cl_runner.utils.io import atomic_write_text, to_jsonable, write_error
 
 
 def peak_rss_mb() -> float:
@@ -46,6 +47,8 @@ class MetricLogger(Callback):
     def log_epoch(self, task: int, epoch: int, metrics: dict) -> None: ...
     def log_task(self, task: int, metrics: dict, acc_matrix: np.ndarray) -> None: ...
     def log_final(self, results: dict) -> None: ...
+    def log_event(self, event: str, payload: dict) -> None:
+        """Another event of the run (``resume``); loggers that keep a log record it."""
     def close(self) -> None: ...
 
     # -- plumbing ----------------------------------------------------------------------------
@@ -85,7 +88,12 @@ class MetricLogger(Callback):
         pass
 
     def on_interrupt(self, loop) -> None:
-        self.close()
+        """The run is failing or was stopped: release the logger's files. A second failure here
+        (the same full disk) must not hide the first one, which is the run's error."""
+        try:
+            self.close()
+        except Exception:
+            pass
 
 
 def _gpu_peak_mb() -> float | None:
@@ -109,13 +117,23 @@ class JsonlLogger(MetricLogger):
     def __init__(self, run_dir, cfg):
         super().__init__(run_dir, cfg)
         self.path = self.run_dir / "events.jsonl"
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._fd = None
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        except OSError as ex:
+            raise write_error(self.path, ex) from None
 
     def _write(self, event: str, payload: dict) -> None:
         if self._fd is None:
             return
         line = json.dumps({"event": event, "time": time.time(), **to_jsonable(payload)}) + "\n"
-        os.write(self._fd, line.encode())  # one write per complete line: never a torn line
+        try:
+            os.write(self._fd, line.encode())  # one write per complete line: never a torn line
+        except OSError as ex:
+            raise write_error(self.path, ex) from None
+
+    def log_event(self, event, payload):
+        self._write(event, payload)
 
     def log_train(self, step, metrics):
         self._write("train", {"step": step, **metrics})
@@ -198,9 +216,11 @@ def accuracy_figures(acc_matrix: np.ndarray):
 
 @CALLBACKS.register("plots", summary="acc_matrix.png heatmap and acc_over_time.png lines (matplotlib)")
 class PlotLogger(MetricLogger):
-    def log_task(self, task, metrics, acc_matrix):
-        if task == acc_matrix.shape[0] - 1:
-            self._save(acc_matrix)
+    """Draws the final accuracy matrix once the run's results are written (results.json first:
+    on a nearly full disk the numbers matter more than their pictures)."""
+
+    def log_final(self, results):
+        self._save(np.asarray(results["acc_matrix"], dtype=float))
 
     def _save(self, acc_matrix):
         import io
@@ -216,8 +236,40 @@ class PlotLogger(MetricLogger):
             atomic_write_bytes(self.run_dir / name, buf.getvalue())
 
 
+_TB_HOOK_INSTALLED = False
+
+
+def _quiet_tensorboard_writer_thread_errors() -> None:
+    """TensorBoard writes its event file from a background thread; when a write fails (a full
+    disk) the thread dies with a traceback on stderr and the same exception is raised again by
+    the next ``add_*``/``flush`` in the run's thread, where :class:`TensorBoardLogger` turns it
+    into one clean message. This hook drops the thread's own report of such an OSError (only
+    that: every other thread exception goes to the previous hook)."""
+    global _TB_HOOK_INSTALLED
+    if _TB_HOOK_INSTALLED:
+        return
+    import threading
+
+    try:
+        from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
+    except ImportError:  # pragma: no cover - another tensorboard layout: keep Python's report
+        return
+    previous = threading.excepthook
+
+    def hook(args):
+        if isinstance(args.thread, _AsyncWriterThread) and issubclass(args.exc_type, OSError):
+            return
+        previous(args)
+
+    threading.excepthook = hook
+    _TB_HOOK_INSTALLED = True
+
+
 @CALLBACKS.register("tensorboard", summary="TensorBoard scalars per step/task and the accuracy matrix image")
 class TensorBoardLogger(MetricLogger):
+    """A failed write of the event file (raised by TensorBoard at the next write or flush, which
+    happens after every task) is a :class:`cl_runner.errors.WriteError` naming the folder."""
+
     def __init__(self, run_dir, cfg):
         super().__init__(run_dir, cfg)
         try:
@@ -225,41 +277,60 @@ class TensorBoardLogger(MetricLogger):
         except ImportError:
             raise ConfigError("the tensorboard logger needs the 'tensorboard' package: "
                               "pip install tensorboard (or pip install -e '.[logging]').") from None
-        self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        _quiet_tensorboard_writer_thread_errors()
+        self.path = self.run_dir / "tensorboard"
+        self.writer = None
+        with self._writing():
+            self.writer = SummaryWriter(log_dir=str(self.path))
+
+    @contextlib.contextmanager
+    def _writing(self):
+        try:
+            yield
+        except OSError as ex:
+            raise write_error(self.path, ex) from None
 
     def log_train(self, step, metrics):
-        self.writer.add_scalar("train/loss", metrics["loss"], step)
-        self.writer.add_scalar("train/steps_per_s", metrics["steps_per_s"], step)
+        with self._writing():
+            self.writer.add_scalar("train/loss", metrics["loss"], step)
+            self.writer.add_scalar("train/steps_per_s", metrics["steps_per_s"], step)
 
     def log_epoch(self, task, epoch, metrics):
         if "loss" in metrics:
-            self.writer.add_scalar(f"epoch/loss_task{task + 1}", metrics["loss"], epoch)
+            with self._writing():
+                self.writer.add_scalar(f"epoch/loss_task{task + 1}", metrics["loss"], epoch)
 
     def log_task(self, task, metrics, acc_matrix):
         step = task + 1
-        for j, acc in enumerate(metrics["acc"]):
-            if acc is not None and not np.isnan(acc):
-                self.writer.add_scalar(f"eval/acc_task{j + 1}", acc, step)
-        self.writer.add_scalar("eval/avg_acc_seen", metrics["avg_acc_seen"], step)
-        if "avg_acc_seen_task_il" in metrics:
-            self.writer.add_scalar("eval/avg_acc_seen_task_il", metrics["avg_acc_seen_task_il"], step)
-        self.writer.add_scalar("time/train_s", metrics["train_time_s"], step)
-        self.writer.add_scalar("system/peak_rss_mb", metrics["peak_rss_mb"], step)
-        heat, lines = accuracy_figures(acc_matrix[: task + 1])
-        self.writer.add_figure("eval/acc_matrix", heat, step)
         import matplotlib.pyplot as plt
 
+        heat, lines = accuracy_figures(acc_matrix[: task + 1])
         plt.close(lines)
-        self.writer.flush()
+        with self._writing(), contextlib.ExitStack() as figures:
+            figures.callback(plt.close, heat)  # add_figure closes it too; this when it is not reached
+            for j, acc in enumerate(metrics["acc"]):
+                if acc is not None and not np.isnan(acc):
+                    self.writer.add_scalar(f"eval/acc_task{j + 1}", acc, step)
+            self.writer.add_scalar("eval/avg_acc_seen", metrics["avg_acc_seen"], step)
+            if "avg_acc_seen_task_il" in metrics:
+                self.writer.add_scalar("eval/avg_acc_seen_task_il", metrics["avg_acc_seen_task_il"], step)
+            self.writer.add_scalar("time/train_s", metrics["train_time_s"], step)
+            self.writer.add_scalar("system/peak_rss_mb", metrics["peak_rss_mb"], step)
+            self.writer.add_figure("eval/acc_matrix", heat, step)
+            self.writer.flush()
 
     def log_final(self, results):
-        for key in ("avg_acc", "forgetting", "bwt", "fwt", *FINAL_TASK_IL):
-            if results.get(key) is not None:
-                self.writer.add_scalar(f"final/{key}", results[key], 0)
-        self.writer.flush()
+        with self._writing():
+            for key in ("avg_acc", "forgetting", "bwt", "fwt", *FINAL_TASK_IL):
+                if results.get(key) is not None:
+                    self.writer.add_scalar(f"final/{key}", results[key], 0)
+            self.writer.flush()
 
     def close(self):
-        self.writer.close()
+        if self.writer is not None:
+            writer, self.writer = self.writer, None
+            with self._writing():
+                writer.close()
 
 
 @CALLBACKS.register("wandb", summary="Weights & Biases (entity/project from the wandb: block; offline without a key)")
@@ -300,4 +371,34 @@ class WandbLogger(MetricLogger):
 
 
 def build_loggers(names, run_dir, cfg) -> list[MetricLogger]:
-    return [CALLBACKS.get(name)(run_dir, cfg) for name in names]
+    """The loggers named in ``names``; when one cannot start (its file cannot be created), those
+    already started are closed before the error goes on."""
+    loggers: list[MetricLogger] = []
+    try:
+        for name in names:
+            loggers.append(CALLBACKS.get(name)(run_dir, cfg))
+    except BaseException:
+        for logger in loggers:
+            logger.on_interrupt(None)
+        raise
+    return loggers
+
+
+def finish_loggers(loggers: list[MetricLogger], results: dict) -> None:
+    """Give every logger the final results, in order, then close them all. Called after
+    results.json is written, so a failure here (a full disk at the plots) leaves the numbers
+    on disk. The first logger that fails stops the final events (the disk is full for the rest
+    too); every logger is closed either way, and the first error is raised."""
+    error: BaseException | None = None
+    for logger in loggers:
+        if error is None:
+            try:
+                logger.log_final(results)
+            except BaseException as ex:
+                error = ex
+        try:
+            logger.close()
+        except BaseException as ex:
+            error = error or ex
+    if error is not None:
+        raise error

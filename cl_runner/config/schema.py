@@ -197,8 +197,13 @@ class RunConfig:
     # Save a checkpoint after every task (and keep it on Ctrl-C / SIGTERM) so a run can resume.
     checkpoint: bool = True
     # Continue an interrupted run from its last complete task: true (the checkpoint in this
-    # run's own directory, e.g. with hydra.run.dir=<old dir>) or the path of the old run dir.
+    # run's own directory, e.g. with hydra.run.dir=<old dir>), auto (that checkpoint when it
+    # exists, else start: a requeued job or a re-run sweep continues with the same command) or
+    # the path of the old run dir.
     resume: Optional[Any] = None
+    # Start again in a run directory that holds an earlier run's checkpoint, replacing it (without
+    # it, or resume, such a run stops with an error rather than overwrite the checkpoint).
+    overwrite: bool = False
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 import typing
 from typing import Any
@@ -126,8 +127,12 @@ def _check_values(cfg: Any) -> None:
     def positive(path: str, value: Any, allow_none: bool = False) -> None:
         if value is None and allow_none:
             return
-        if value is None or value <= 0:
+        if value is None or not (value > 0) or not math.isfinite(value):  # NaN fails "> 0"
             raise ConfigError(f"config key '{path}' must be a positive number, got {value}.")
+
+    def non_negative(path: str, value: Any) -> None:
+        if not (value >= 0) or not math.isfinite(value):
+            raise ConfigError(f"config key '{path}' must be a finite number >= 0, got {value}.")
 
     BENCHMARKS.entry(cfg.benchmark.name)
     BACKBONES.entry(cfg.backbone.type)
@@ -156,6 +161,26 @@ def _check_values(cfg: Any) -> None:
     if cfg.backbone.batch_norm and cfg.backbone.head != "fixed":
         raise ConfigError(f"backbone.batch_norm=true normalises the output layer, which backbone.head="
                           f"{cfg.backbone.head} cannot grow; use backbone.head=fixed.")
+    non_negative("optimizer.momentum", cfg.optimizer.momentum)
+    non_negative("optimizer.weight_decay", cfg.optimizer.weight_decay)
+    non_negative("optimizer.lr_min", cfg.optimizer.lr_min)
+    non_negative("optimizer.lr_decay", cfg.optimizer.lr_decay)
+    positive("optimizer.grad_clip_norm", cfg.optimizer.grad_clip_norm, allow_none=True)
+    betas = list(cfg.optimizer.betas)
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ConfigError(f"config key 'optimizer.betas' must be two numbers in [0, 1) (Adam's decay rates "
+                          f"of the gradient mean and square), got {betas}.")
+    positive("backbone.width", cfg.backbone.width)
+    non_negative("backbone.n_hidden_layers", cfg.backbone.n_hidden_layers)
+    positive("backbone.nf", cfg.backbone.nf)
+    positive("backbone.num_classes", cfg.backbone.num_classes, allow_none=True)
+    for i, c in enumerate(cfg.backbone.channels):
+        positive(f"backbone.channels[{i}]", c)
+    non_negative("benchmark.crop_padding", cfg.benchmark.crop_padding)
+    non_negative("training.progress_every", cfg.training.progress_every)
+    if not 0 <= cfg.seed < 2**32:
+        raise ConfigError(f"config key 'seed' must be an integer in [0, 2**32) (NumPy's seed range), "
+                          f"got {cfg.seed}.")
     if not (0 <= cfg.backbone.dropout < 1):
         raise ConfigError(f"config key 'backbone.dropout' must be in [0, 1), got {cfg.backbone.dropout}.")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(cfg.device)):
@@ -163,6 +188,7 @@ def _check_values(cfg: Any) -> None:
     threads = cfg.threads
     if not (threads == "auto" or (isinstance(threads, int) and not isinstance(threads, bool) and threads > 0)):
         raise ConfigError(f"config key 'threads': '{threads}' is neither 'auto' nor a positive integer.")
+    check_resume(cfg)
     if cfg.seeds is not None:
         check_seeds(cfg)
     if cfg.expected is not None:
@@ -182,13 +208,26 @@ def check_seeds(cfg) -> None:
     if not seeds:
         raise ConfigError("config key 'seeds' is an empty list; give seeds such as seeds=[0,1,2], "
                           "or seeds=null for the single run of 'seed'.")
-    if any(s < 0 for s in seeds):
-        raise ConfigError(f"config key 'seeds': seeds must be non-negative integers, got {seeds}.")
+    if any(not 0 <= s < 2**32 for s in seeds):
+        raise ConfigError(f"config key 'seeds': seeds must be non-negative integers below 2**32, got {seeds}.")
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"config key 'seeds' repeats a seed ({seeds}); list each seed once.")
-    if cfg.resume:
+    if cfg.resume and cfg.resume != "auto":
         raise ConfigError("resume cannot be combined with 'seeds': each seed's run is in its own folder "
-                          "seed=<s>; resume one with seed=<s> resume=<run dir>/seed=<s>.")
+                          "seed=<s>; resume one with seed=<s> \"resume='<run dir>/seed=<s>'\", or every seed "
+                          "that has a checkpoint with resume=auto.")
+
+
+def check_resume(cfg) -> None:
+    """``resume``: null, a bool, ``auto`` or a run directory; ``overwrite`` does not go with a
+    resume of this run's own directory."""
+    resume = cfg.resume
+    if not (resume is None or isinstance(resume, bool) or (isinstance(resume, str) and resume.strip())):
+        raise ConfigError(f"config key 'resume': {resume!r} is not one of true, false, auto or the path "
+                          f"of a run directory (quote a path that Hydra would read as a number).")
+    if cfg.overwrite and (resume is True or resume == "auto"):
+        raise ConfigError(f"resume={str(resume).lower()} continues the run in this directory and "
+                          f"overwrite=true starts it again; choose one.")
 
 
 def _check_algo_values(algo, algo_name: str) -> None:

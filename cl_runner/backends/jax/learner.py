@@ -493,8 +493,8 @@ class JaxLearner(Learner):
         if len(bad):
             b = int(bad[0])
             raise TrainingDivergedError(
-                f"the training loss became {float(losses[b])} at task {task.id} "
-                f"(of {self.stream.num_tasks}), epoch {epoch}, step {b} (global step {base_step + b}). "
+                f"the training loss became {float(losses[b])} at task {task.id + 1} "
+                f"(of {self.stream.num_tasks}), epoch {epoch + 1}, step {b} (global step {base_step + b}). "
                 f"Lower optimizer.lr (now {get_lr(self.opt_state):g}), set optimizer.grad_clip_norm, "
                 f"or lower the algorithm's regularisation strength.")
 

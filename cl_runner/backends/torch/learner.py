@@ -372,8 +372,8 @@ class TorchLearner(Learner):
             b = lo + int(bad.nonzero()[0, 0])
             value = float(losses[b])
             raise TrainingDivergedError(
-                f"the training loss became {value} at task {task.id} (of {self.stream.num_tasks}), "
-                f"epoch {epoch}, step {b} (global step {base_step + b}). Lower optimizer.lr "
+                f"the training loss became {value} at task {task.id + 1} (of {self.stream.num_tasks}), "
+                f"epoch {epoch + 1}, step {b} (global step {base_step + b}). Lower optimizer.lr "
                 f"(now {self.optimizer.param_groups[0]['lr']:g}), set optimizer.grad_clip_norm, "
                 f"or lower the algorithm's regularisation strength.")
 

@@ -135,7 +135,7 @@ class KCL(JaxLearner):
         n = len(task.train_y)
         if self.coreset_size >= n:
             raise ConfigError(f"algo.coreset_size={self.coreset_size} leaves nothing to train on in task "
-                              f"{task.id} ({n} training samples); choose a smaller coreset_size.")
+                              f"{task.id + 1} ({n} training samples); choose a smaller coreset_size.")
         order = self.host_rng.permutation(n)
         core, rest = np.sort(order[: self.coreset_size]), np.sort(order[self.coreset_size:])
         st = {k: np.array(v) for k, v in self.parts[0].state.items()}

@@ -131,7 +131,7 @@ class KCL(TorchLearner):
         n = len(task.train_y)
         if self.coreset_size >= n:
             raise ConfigError(f"algo.coreset_size={self.coreset_size} leaves nothing to train on in task "
-                              f"{task.id} ({n} training samples); choose a smaller coreset_size.")
+                              f"{task.id + 1} ({n} training samples); choose a smaller coreset_size.")
         order = torch.randperm(n, generator=self.generator).numpy()
         core, rest = np.sort(order[: self.coreset_size]), np.sort(order[self.coreset_size:])
         units = self.output_mask[task.id]
