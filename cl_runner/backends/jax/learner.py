@@ -209,6 +209,8 @@ class JaxLearner(Learner):
         self._head = build_head(self)
         self._test_cache: dict[int, tuple[jax.Array, jax.Array]] = {}
         self.train_x = self.train_y = self.train_t = None
+        # While train_step traces an augmented step: the batch before augmentation (stream_inputs).
+        self._unaugmented = None
         plugin_classes = [_plugin_class(name) for name in cfg.algo.plugins]
         self.parts: list[Part] = [cls(self, cfg.algo) for cls in (*self.part_classes, *plugin_classes)]
         self._loss_parts = [(i, p) for i, p in enumerate(self.parts) if _overrides(p, "extra_loss")]
@@ -341,6 +343,13 @@ class JaxLearner(Learner):
         loss = self.loss_from_logits(params, part_states, x, y, t, weights, mask_table, logits)
         return loss, (logits, updated["batch_stats"])
 
+    def stream_inputs(self, x):
+        """The step's stream batch before ``benchmark.augment`` (traced): while ``train_step``
+        traces a step on an augmented batch, that batch un-augmented; otherwise ``x`` itself (the
+        PyTorch backend's ``stream_inputs``)."""
+        raw = self._unaugmented
+        return x if raw is None else raw
+
     def loss_from_logits(self, params, part_states, x, y, t, weights, mask_table, logits):
         """The task loss at ``logits`` plus the parts' ``extra_loss`` terms."""
         loss = self.criterion(logits, y, t, mask_table, weights)
@@ -370,14 +379,18 @@ class JaxLearner(Learner):
             key, augment_key = jax.random.split(key)
             xb = random_crop_flip(augment_key, xb, *self._augment)
         tb = t[batch] if t is not None else None
-        if self._stats_index is None:
-            (loss, logits), loss_grads = self._value_and_grad(self.loss_and_logits)(
-                params, part_states, xb, yb, tb, weights, mask_table, dropout_key)
-        else:
-            (loss, (logits, stats)), loss_grads = self._value_and_grad(self.loss_logits_and_stats)(
-                params, part_states, xb, yb, tb, weights, mask_table, dropout_key)
-            i = self._stats_index
-            part_states = (*part_states[:i], stats, *part_states[i + 1:])
+        self._unaugmented = raw if self._augment is not None else None
+        try:
+            if self._stats_index is None:
+                (loss, logits), loss_grads = self._value_and_grad(self.loss_and_logits)(
+                    params, part_states, xb, yb, tb, weights, mask_table, dropout_key)
+            else:
+                (loss, (logits, stats)), loss_grads = self._value_and_grad(self.loss_logits_and_stats)(
+                    params, part_states, xb, yb, tb, weights, mask_table, dropout_key)
+                i = self._stats_index
+                part_states = (*part_states[:i], stats, *part_states[i + 1:])
+        finally:
+            self._unaugmented = None
         grads = loss_grads
         for i, p in self._grad_parts:
             grads = p.adjust_grads(params, part_states[i], grads)

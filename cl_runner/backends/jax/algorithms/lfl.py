@@ -8,16 +8,19 @@ previous tasks, and train on the new data with
     L_t(x)  +  lambda_e * L_e(x),   L_e(x) = 1/2 || f_old(x) - f(x) ||_2^2,
 
 f the representation fed to the output layer (the backbone's ``embed``) and f_old that of the
-previous network (no dropout), L_e averaged over the batch. In domain-IL every output unit is old
-after the first task and the whole output layer is frozen; in class- and task-IL only the
-previous tasks' units (``freeze_head``).
+previous network, L_e averaged over the batch (``feature_distance=mse``: the mean over the
+feature units of (f - f_old)^2, Avalanche's and SequeL's scale; ``lambda_e`` may list one value
+per task). Both f and f_old are computed without dropout (SequeL's JAX LFL: ``training=False``;
+Avalanche: ``model.eval()``). In domain-IL every output unit is old after the first task and the
+whole output layer is frozen; in class- and task-IL only the previous tasks' units
+(``freeze_head``).
 
 The previous parameters, the frozen units (a mask over the output units), their saved head
-weights and an on/off flag are the part's state, arguments of the compiled epoch. The frozen
-units are written back after every optimizer step inside the compiled step (so momentum or
-weight decay cannot move them): the part wraps the learner's ``train_step`` when it is attached,
-so this also holds when LfL is a plugin of another algorithm. f(x) is a second forward pass of
-the feature extractor in training mode, whose dropout (if any) is drawn from a key in the state.
+weights, lambda_e of the task and an on/off flag are the part's state, arguments of the compiled
+epoch. The frozen units are written back after every optimizer step inside the compiled step (so
+momentum or weight decay cannot move them): the part wraps the learner's ``train_step`` when it
+is attached, so this also holds when LfL is a plugin of another algorithm. f(x) is a second
+forward pass of the feature extractor (in eval mode) beside the step's own.
 """
 
 from __future__ import annotations
@@ -26,14 +29,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cl_runner.algorithms.distillation import check_per_task_value, per_task_value
 from cl_runner.backends.jax.learner import JaxLearner, Part
-from cl_runner.backends.jax.memory import check_no_batch_norm, derived_seed
+from cl_runner.backends.jax.memory import check_no_batch_norm
 from cl_runner.registry import ALGORITHMS, PLUGINS
 
 
-def feature_loss(features, old_features, weights=None):
-    """Mean over the batch (over the samples of weight 1 when weighted) of 1/2 ||f - f_old||^2."""
-    per_sample = 0.5 * jnp.sum((features - old_features) ** 2, axis=1)
+def feature_loss(features, old_features, weights=None, distance: str = "half_sq"):
+    """Mean over the batch (over the samples of weight 1 when weighted) of 1/2 ||f - f_old||^2
+    (half_sq), or of the mean over the feature units of (f - f_old)^2 (mse)."""
+    squares = (features - old_features) ** 2
+    if distance == "mse":
+        per_sample = jnp.mean(squares, axis=1)
+    else:
+        per_sample = 0.5 * jnp.sum(squares, axis=1)
     if weights is None:
         return jnp.mean(per_sample)
     return jnp.sum(per_sample * weights) / jnp.sum(weights)
@@ -51,14 +60,15 @@ def restore_head(params, frozen, saved):
 class LFLPart(Part):
     def __init__(self, learner, cfg):
         super().__init__(learner, cfg)
-        self.lambda_e = float(cfg.lambda_e)
+        check_per_task_value(cfg.lambda_e, "algo.lambda_e", learner.stream.num_tasks)
+        self.distance = str(cfg.feature_distance)
         self.freeze_head = bool(cfg.freeze_head)
         self.state = learner.put({
             "teacher": learner.params,
             "active": np.zeros((), np.float32),
+            "lambda_e": np.float32(per_task_value(cfg.lambda_e, 0, "algo.lambda_e")),
             "frozen": np.zeros(learner.num_outputs(), bool),
             "saved_head": learner.params["head"],
-            "key": jax.random.PRNGKey(derived_seed(learner.seed, 5151)),
         })
         self._wrap_train_step(learner)
 
@@ -71,9 +81,6 @@ class LFLPart(Part):
             i = learner.parts.index(self)
             state = part_states[i]
             params = restore_head(params, state["frozen"], state["saved_head"])
-            if learner.dropout:
-                state = {**state, "key": jax.random.split(state["key"])[0]}
-                part_states = (*part_states[:i], state, *part_states[i + 1:])
             return (params, opt_state, part_states, key), loss
 
         learner.train_step = train_step
@@ -84,20 +91,21 @@ class LFLPart(Part):
         frozen = np.zeros(learner.num_outputs(), bool)
         if task.id > 0 and self.freeze_head:
             frozen = np.asarray(learner.mask_table)[: task.id].any(0)
+        lambda_e = per_task_value(self.cfg.lambda_e, task.id, "algo.lambda_e")
         self.state = learner.put({**self.state, "teacher": learner.params, "active": np.float32(task.id > 0),
-                                  "frozen": frozen, "saved_head": learner.params["head"]})
+                                  "lambda_e": np.float32(lambda_e), "frozen": frozen,
+                                  "saved_head": learner.params["head"]})
 
     def extra_loss(self, params, state, x, y, logits, weights):
         model = self.learner.model
 
         def penalty(_):
             target = model.apply({"params": state["teacher"]}, x, train=False, method="embed")
-            rngs = {"dropout": jax.random.fold_in(state["key"], 1)} if self.learner.dropout else None
-            feats = model.apply({"params": params}, x, train=True, rngs=rngs, method="embed")
-            return feature_loss(feats, jax.lax.stop_gradient(target), weights)
+            feats = model.apply({"params": params}, x, train=False, method="embed")
+            return feature_loss(feats, jax.lax.stop_gradient(target), weights, self.distance)
 
         loss = jax.lax.cond(state["active"] > 0, penalty, lambda _: jnp.zeros((), logits.dtype), None)
-        return self.lambda_e * loss
+        return state["lambda_e"] * loss
 
 
 @ALGORITHMS.register("lfl", backend="jax")
