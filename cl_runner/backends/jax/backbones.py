@@ -98,16 +98,21 @@ def max_pool2(x):
     return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
+ACTIVATIONS = {"relu": nn.relu, "tanh": jnp.tanh}
+
+
 class MLPFeatures(nn.Module):
     n_hidden_layers: int
     width: int
     dropout: float = 0.0
+    activation: str = "relu"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         h = x.reshape((x.shape[0], -1))
+        act = ACTIVATIONS[self.activation]
         for i in range(self.n_hidden_layers):
-            h = nn.relu(Dense(self.width, name=f"layers_{i}")(h))
+            h = act(Dense(self.width, name=f"layers_{i}")(h))
             if self.dropout > 0:
                 h = nn.Dropout(self.dropout, deterministic=not train)(h)
         return h
@@ -152,7 +157,8 @@ class Backbone(nn.Module):
 def mlp(cfg, input_shape, num_outputs: int, conv_impl: str = "lax") -> Backbone:
     width_in = int(math.prod(input_shape))
     feature_dim = cfg.width if cfg.n_hidden_layers > 0 else width_in
-    feats = MLPFeatures(int(cfg.n_hidden_layers), int(cfg.width), float(cfg.dropout))
+    feats = MLPFeatures(int(cfg.n_hidden_layers), int(cfg.width), float(cfg.dropout),
+                        str(getattr(cfg, "activation", "relu")))
     return Backbone(feats, feature_dim, num_outputs)
 
 

@@ -27,12 +27,16 @@ class Backbone(nn.Module):
         return self.head(self.features(x))
 
 
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
+
+
 @BACKBONES.register("mlp", backend="torch")
 def mlp(cfg, input_shape, num_outputs: int) -> Backbone:
     layers: list[nn.Module] = [nn.Flatten()]
     width_in = int(math.prod(input_shape))
+    activation = ACTIVATIONS[getattr(cfg, "activation", "relu")]
     for _ in range(cfg.n_hidden_layers):
-        layers += [nn.Linear(width_in, cfg.width), nn.ReLU()]
+        layers += [nn.Linear(width_in, cfg.width), activation()]
         if cfg.dropout > 0:
             layers.append(nn.Dropout(cfg.dropout))
         width_in = cfg.width
