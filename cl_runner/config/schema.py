@@ -67,7 +67,8 @@ class BackboneConfig:
     # cnn: output channels of each conv block.
     channels: List[int] = field(default_factory=lambda: [32, 64])
     # Weight initialisation: default (PyTorch's: U(+-1/sqrt(fan_in)) for weights and biases) or
-    # xavier_uniform (Glorot: U(+-sqrt(6 / (fan_in + fan_out))) weights, zero biases; GEM's MLP).
+    # xavier_uniform (Glorot: U(+-sqrt(6 / (fan_in + fan_out))) weights, zero biases; GEM's MLP) or
+    # kaiming_normal (He: N(0, 2 / fan_in) weights, zero biases; La-MAML's model/meta/learner.py:72-77).
     init: str = "default"
     # Output layer: fixed (one layer over every unit), incremental (class-IL, domain-IL: units added
     # when new classes appear) or multihead (task-IL: a head added per task); torch backend.

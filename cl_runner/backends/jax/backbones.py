@@ -187,7 +187,8 @@ def init_params(model: Backbone, input_shape, seed: int, init: str = "default"):
     """The model's parameters drawn with NumPy from ``seed``, from the same distributions as the
     layers' own initialisers (U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for kernels and biases), or with
     ``init="xavier_uniform"`` Glorot-uniform kernels (U(+-sqrt(6 / (fan_in + fan_out)))) and zero
-    biases, as on the PyTorch backend.
+    biases, or ``init="kaiming_normal"`` He-normal kernels (N(0, 2 / fan_in)) and zero biases, as on
+    the PyTorch backend.
 
     ``model.init`` would give the same distributions from a JAX key, but compiling the random
     number generation for ~10^5-10^6 values takes seconds on a CPU; this takes milliseconds.
@@ -208,6 +209,11 @@ def init_params(model: Backbone, input_shape, seed: int, init: str = "default"):
                 receptive = int(math.prod(shape[:-2]))  # 1 for a dense kernel (in, out)
                 bound = math.sqrt(6.0 / (fan_in + receptive * shape[-1]))
                 return {name: (rng.uniform(-bound, bound, leaf.shape) if name == "kernel"
+                               else np.zeros(leaf.shape)).astype(leaf.dtype)
+                        for name, leaf in node.items()}
+            if init == "kaiming_normal":
+                std = math.sqrt(2.0 / fan_in) if fan_in > 0 else 0.0
+                return {name: (rng.normal(0.0, std, leaf.shape) if name == "kernel"
                                else np.zeros(leaf.shape)).astype(leaf.dtype)
                         for name, leaf in node.items()}
             bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0

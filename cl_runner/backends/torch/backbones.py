@@ -65,6 +65,8 @@ def build_backbone(cfg, input_shape, num_outputs: int) -> Backbone:
         model.head = make_head(head, model.feature_dim, num_outputs, getattr(cfg, "init", "default"))
     if getattr(cfg, "init", "default") == "xavier_uniform":
         xavier_init(model)
+    elif getattr(cfg, "init", "default") == "kaiming_normal":
+        kaiming_init(model)
     return model
 
 
@@ -73,6 +75,16 @@ def xavier_init(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def kaiming_init(model: nn.Module) -> None:
+    """He-normal weights (N(0, 2 / fan_in): ``nn.init.kaiming_normal_``'s defaults) and zero biases
+    for every linear and convolutional layer."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.kaiming_normal_(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
