@@ -405,10 +405,11 @@ def small_split_mnist(shared_data_dir, tmp_path_factory):
     return build_stream(cfg.benchmark, 0, shared_data_dir, tmp_path_factory.mktemp("smnist-parity3"))
 
 
-ACCURACY_TOLERANCE = {"mcsgd": 5.0, "lamaml": 6.0, "pnn": 1.0, "kcl": 5.0}
+# La-MAML: 4 standard deviations of the measured jax - torch difference (below): 4 x 1.82 = 7.3.
+ACCURACY_TOLERANCE = {"mcsgd": 5.0, "lamaml": 7.5, "pnn": 1.0, "kcl": 5.0}
 ACCURACY_RUNS = {
     "mcsgd": ("small_permuted_mnist", {"per_task_memory_samples": 100, "lmc_line_samples": 5}, {}),
-    "lamaml": ("small_permuted_mnist", {"glances": 2, "mem_size": 200}, {}),
+    "lamaml": ("small_permuted_mnist", {"glances": 2, "mem_size": 200, "n_inner_updates": 5}, {}),
     "pnn": ("small_permuted_mnist", {"lateral": "linear"}, {}),
     "kcl": ("small_split_mnist", {"coreset_size": 50, "num_features": 128}, {"scenario": "task_il"}),
 }
@@ -421,14 +422,16 @@ def test_final_accuracy_matches_pytorch(request, monkeypatch, name):
     MNIST (KCL; 300 training and test images per task), MLP 784-100-100, SGD lr 0.05, batch 10,
     one epoch, seed 0.
 
-    MC-SGD, La-MAML (2 glances, 5 inner updates) and KCL: the same initial weights for what both
+    MC-SGD, La-MAML (2 glances, 5 inner updates: half the cost of one per sample, whose arithmetic
+    the step-for-step test above covers) and KCL: the same initial weights for what both
     backends build at the start (MC-SGD, La-MAML: copied; KCL's inference networks are drawn by
     each backend), different sample orders, memory draws, La-MAML batch splits and KCL coresets,
     so the runs differ as two seeds of one backend would (the exact tests above show the
-    arithmetic is the same). Measured (jax - torch, points): mcsgd +2.9 at seed 0; lamaml +0.2,
-    +0.1, -5.7, -0.8 at seeds 0-3 (one glance is much noisier: +-20 between seeds on either
-    backend, so it is not used here); kcl -0.04 at seed 0 (500 images per task). Tolerance:
-    ACCURACY_TOLERANCE points.
+    arithmetic is the same). Measured (jax - torch, points): mcsgd +2.9 at seed 0; kcl -0.04 at
+    seed 0 (500 images per task); lamaml at learner seeds 0-7: +1.93, -2.27, -3.00, +1.27, -1.33,
+    -0.07, -0.43, +1.53 (mean -0.30, standard deviation 1.82, as two independent runs: the
+    per-backend standard deviations are 1.21 and 1.23; accuracies 78-83), so its tolerance is 4
+    standard deviations. Tolerance: ACCURACY_TOLERANCE points.
 
     PNN: every column's initial weights copied and both backends walk the data in its stored
     order (the permutations replaced by the identity), so the runs are the same computation:
