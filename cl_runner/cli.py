@@ -5,8 +5,9 @@ wrong type is reported with the nearest valid key (Hydra alone would only say th
 the config). Keys that clrun knows but a shared experiment file does not set (e.g. ``data_dir``
 with a SequeL-format file) are added rather than rejected. With ``-m`` every job of the sweep is
 checked the same way before the first one starts; ``+sweep=<name>`` selects a ready sweep from
-``sweeps/`` (see :mod:`cl_runner.sweeps`), and each job returns its ``objective`` metric to the
-sweeper.
+``sweeps/`` (see :mod:`cl_runner.sweeps`; :mod:`cl_runner.resources` says where these folders
+are, in a checkout or in the installed wheel), and each job returns its ``objective`` metric to the
+sweeper. ``clrun --rerun <run dir>`` runs a saved run's config again (:mod:`cl_runner.rerun`).
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from cl_runner import sweeps
+from cl_runner import resources, sweeps
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_DIR = str(resources.CONF_DIR)
 
 # ${clrun.job_dirname:...} names sweep jobs' directories; processes that run jobs of a sweep
 # (joblib, submitit) import this module to unpickle the task, which registers it there too.
@@ -395,8 +396,9 @@ def _unknown_group_option(group: str, option: str) -> None:
         from cl_runner.errors import did_you_mean
 
         names = list(sweeps.expected_files())
+        folders = ", ".join(str(d) for d in sweeps.expected_dirs())
         _fail(f"unknown experiment file '{option}'.{did_you_mean(option, names)} Experiment files "
-              f"(in {sweeps.EXPECTED_DIR}): {', '.join(names) or '(none)'}.")
+              f"(in {folders}; ${sweeps.EXPECTED_DIRS_ENV} adds folders): {', '.join(names) or '(none)'}.")
     catalog.load()
     registry = {"algo": ALGORITHMS, "benchmark": BENCHMARKS, "backbone": BACKBONES,
                 "optimizer": OPTIMIZERS, "backend": BACKENDS}.get(group)
@@ -444,15 +446,59 @@ def main() -> None:
         pattern = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("-") else "*"
         print_registry(pattern)
         return
-    sweeps.register_sweep_files()
+    from cl_runner.errors import ConfigError
+
+    try:
+        sweeps.register_sweep_files()
+    except ConfigError as ex:
+        _fail(str(ex))
     # Optuna's SQLite storage imports alembic, which logs its setup at INFO through Hydra's handler.
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    argv, rerun_dir = _rerun_option(argv)
+    if rerun_dir is not None:
+        _rerun(rerun_dir, argv)
+        return
     argv = precheck(argv)
     sys.argv = [sys.argv[0], *argv]
 
     import hydra
 
     hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")(_task)()
+
+
+def _rerun_option(argv: list[str]) -> tuple[list[str], str | None]:
+    """argv without ``--rerun <dir>`` (or ``--rerun=<dir>``), and that folder (None without it)."""
+    for i, arg in enumerate(argv):
+        if arg == "--rerun":
+            if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
+                _fail("--rerun needs the folder of a run, as in 'clrun --rerun outputs/2026-01-01/12-00-00'.")
+            return argv[:i] + argv[i + 2:], argv[i + 1]
+        if arg.startswith("--rerun="):
+            return argv[:i] + argv[i + 1:], arg.split("=", 1)[1]
+    return argv, None
+
+
+def _rerun(run_dir: str, argv: list[str]) -> None:
+    """``clrun --rerun <dir> [overrides]``: the saved config of a run as the primary config, in a
+    new output folder (cl_runner/rerun.py)."""
+    import hydra
+
+    from cl_runner import rerun
+    from cl_runner.errors import ConfigError
+
+    def warn(text: str) -> None:
+        Console(stderr=True).print(f"[bold yellow]warning:[/bold yellow] {text}", highlight=False)
+
+    try:
+        folder = rerun.prepare(run_dir, warn)
+    except ConfigError as ex:
+        _fail(str(ex))
+        return
+    sys.argv = [sys.argv[0], *argv]
+    try:
+        hydra.main(version_base="1.3", config_path=str(folder), config_name=rerun.CONFIG_NAME)(_task)()
+    finally:
+        rerun.cleanup(folder)
 
 
 if __name__ == "__main__":

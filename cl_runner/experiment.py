@@ -151,6 +151,9 @@ def collect_results(typed, state, learner, device, backend, stream, config: dict
         "backend": typed.backend.name,
         "config": config,
         "versions": {**versions.collect(), **backend.versions()},
+        # which update and pixel-gather paths ran, and why (backends/torch/update.py, benchmarks/pixels.py)
+        "kernels": {"update": getattr(learner, "kernel_record", dict)() or None,
+                    "gather": getattr(stream, "gather", None)},
     }
     if state.acc_matrix_task_il is not None:  # training.eval_task_il
         results.update(metrics.summarize_task_il(state.acc_matrix_task_il),

@@ -1,7 +1,7 @@
 """What ``clrun -m`` adds to Hydra's multirun: ready sweep files, job directory names, Optuna
 defaults, and a CPU budget for jobs that run side by side.
 
-* Sweep files are the YAML files in the repository's ``sweeps/`` folder. Each is registered as an
+* Sweep files are the YAML files in the ``sweeps/`` folder (:mod:`cl_runner.resources`). Each is registered as an
   option of the config group ``sweep`` (at the global package, as ``# @package _global_`` says at
   the top of each file), so ``clrun -m +sweep=rotatedmnist_methods`` runs one. A sweep file sets
   ``hydra.sweeper.params`` (and anything else, e.g. ``hydra/sweeper: optuna``).
@@ -22,12 +22,14 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-REPO_DIR = Path(__file__).resolve().parent.parent
-SWEEPS_DIR = REPO_DIR / "sweeps"
+from cl_runner.resources import EXPECTED_DIR, SWEEPS_DIR
+
 SWEEP_GROUP = "sweep"
-# Experiment files that reproduce published numbers: options of the ``expected`` group.
-EXPECTED_DIR = REPO_DIR / "expected_results"
+# Experiment files that reproduce published numbers (EXPECTED_DIR): options of the ``expected`` group.
 EXPECTED_GROUP = "expected"
+# Folders of a user's own experiment files (os.pathsep-separated), options of the ``expected``
+# group beside clrun's; a name in one of them hides clrun's file of that name.
+EXPECTED_DIRS_ENV = "CLRUN_EXPECTED_DIRS"
 
 # Metrics that can be the objective a sweep returns, and which way is better.
 OBJECTIVES = {
@@ -89,10 +91,25 @@ def sweep_files(directory: Path = SWEEPS_DIR) -> dict[str, Path]:
     return {p.stem: p for p in sorted(directory.glob("*.yaml"))}
 
 
-def register_sweep_files(directory: Path = SWEEPS_DIR, expected_dir: Path = EXPECTED_DIR) -> None:
+def expected_dirs() -> list[Path]:
+    """The folders of experiment files: clrun's own, then those of $CLRUN_EXPECTED_DIRS."""
+    from cl_runner.errors import ConfigError
+
+    extra = []
+    for entry in filter(None, os.environ.get(EXPECTED_DIRS_ENV, "").split(os.pathsep)):
+        folder = Path(entry).expanduser().resolve()
+        if not folder.is_dir():
+            raise ConfigError(f"${EXPECTED_DIRS_ENV} names {entry}, which is not a folder: give "
+                              f"folders of experiment files (<name>.yaml), separated by '{os.pathsep}'.")
+        extra.append(folder)
+    return [EXPECTED_DIR, *extra]
+
+
+def register_sweep_files(directory: Path = SWEEPS_DIR, expected_dir: Path | None = None) -> None:
     """Store every sweep file as an option of the ``sweep`` config group, and every experiment
-    file of ``expected_results/`` as an option of the ``expected`` group (both at the global
-    package: ``clrun +expected=der_seqmnist_der500`` applies the whole protocol).
+    file of ``expected_results/`` (and of the folders of $CLRUN_EXPECTED_DIRS) as an option of
+    the ``expected`` group (both at the global package: ``clrun +expected=der_seqmnist_der500``
+    applies the whole protocol).
 
     A file that does not parse is left out; :func:`broken_sweep_file` then gives its error.
     """
@@ -100,7 +117,9 @@ def register_sweep_files(directory: Path = SWEEPS_DIR, expected_dir: Path = EXPE
     from omegaconf import OmegaConf
 
     store = ConfigStore.instance()
-    for group, folder in ((SWEEP_GROUP, directory), (EXPECTED_GROUP, expected_dir)):
+    folders = [(SWEEP_GROUP, directory)]
+    folders += [(EXPECTED_GROUP, d) for d in ([expected_dir] if expected_dir else expected_dirs())]
+    for group, folder in folders:
         for name, path in sweep_files(folder).items():
             try:
                 node = OmegaConf.load(path)
@@ -112,9 +131,15 @@ def register_sweep_files(directory: Path = SWEEPS_DIR, expected_dir: Path = EXPE
                         provider=f"clrun {folder.name}/")
 
 
-def expected_files(directory: Path = EXPECTED_DIR) -> dict[str, Path]:
-    """Experiment files that reproduce published numbers, by name."""
-    return sweep_files(directory)
+def expected_files(directory: Path | None = None) -> dict[str, Path]:
+    """Experiment files that reproduce published numbers, by name (of ``directory``, else of
+    every folder of :func:`expected_dirs`, a later folder's file hiding an earlier one's)."""
+    if directory is not None:
+        return sweep_files(directory)
+    files: dict[str, Path] = {}
+    for folder in expected_dirs():
+        files.update(sweep_files(folder))
+    return dict(sorted(files.items()))
 
 
 def broken_sweep_file(name: str, group: str = SWEEP_GROUP) -> str | None:

@@ -80,6 +80,9 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     cache = tmp_path_factory.getbasetemp() / "clrun-cache"
     monkeypatch.setenv("CLRUN_CACHE_DIR", str(cache))
     monkeypatch.delenv("CLRUN_DATA_DIR", raising=False)
+    # the user's own choices of kernel path and experiment folders do not reach the tests
+    monkeypatch.delenv("CLRUN_GATHER", raising=False)
+    monkeypatch.delenv("CLRUN_EXPECTED_DIRS", raising=False)
 
 
 @pytest.fixture(scope="session")

@@ -12,9 +12,8 @@ import yaml
 
 from conftest import TINY, read_results, run_clrun
 
-SEQUEL = Path("/work/shared/sequel_configs")
-if not SEQUEL.is_dir():
-    SEQUEL = (Path(__file__).resolve().parent.parent.parent / "shared" / "sequel_configs").resolve()
+# The SequeL-format files, in the offline copy beside the checkout.
+SEQUEL = (Path(__file__).resolve().parent.parent.parent / "shared" / "sequel_configs").resolve()
 
 # Every run: tiny model and batches, console logging only (the other loggers have tests of their own).
 FAST = [*TINY, "loggers=[console]"]

@@ -10,16 +10,16 @@ import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
+from cl_runner import resources
 from cl_runner.config import validate_config
 from cl_runner.config.schema import AlgoConfig, RunConfig
 from cl_runner.errors import ConfigError
 from cl_runner.registry import ALGORITHMS
 
 REPO = Path(__file__).resolve().parent.parent
-CONF = REPO / "conf"
-SEQUEL = Path("/work/shared/sequel_configs")
-if not SEQUEL.is_dir():
-    SEQUEL = (REPO.parent / "shared" / "sequel_configs").resolve()
+CONF = resources.CONF_DIR
+# The SequeL-format files, in the offline copy beside the checkout.
+SEQUEL = (REPO.parent / "shared" / "sequel_configs").resolve()
 
 
 def error_of(cfg: dict) -> str:
@@ -45,7 +45,8 @@ def test_unknown_key_names_key_and_nearest(cfg, key, near):
 
 def test_unknown_key_lists_valid_keys_of_its_section():
     msg = error_of({"algo": {"name": "ewc", "ewc_lambdaa": 5}})
-    assert "Valid keys in 'algo': ewc_lambda, fisher, fisher_batch_size, fisher_samples, name, plugins." in msg
+    assert ("Valid keys in 'algo': ewc_lambda, fisher, fisher_batch_size, fisher_ema_decay, fisher_samples, "
+            "fisher_update_after, name, plugins.") in msg
     msg = error_of({"zzzzzzzz": 1})
     assert "Did you mean" not in msg and "Valid keys in the top level:" in msg
 

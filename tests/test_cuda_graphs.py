@@ -7,14 +7,13 @@ recorded on a CUDA device. The recording itself is checked where a GPU exists.""
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from rich.console import Console
 
-from cl_runner import catalog
+from cl_runner import catalog, resources
 from cl_runner.experiment import run_experiment
 
 catalog.load_backend("torch")
@@ -135,7 +134,7 @@ def test_the_schema_and_the_torch_config_have_the_switch():
     assert typed.backend.cuda_graphs is True
     typed, _ = validate_config({"backend": {"name": "torch", "cuda_graphs": False}})
     assert typed.backend.cuda_graphs is False
-    conf = Path(__file__).resolve().parent.parent / "conf" / "backend" / "torch.yaml"
+    conf = resources.CONF_DIR / "backend" / "torch.yaml"
     assert "cuda_graphs: true" in conf.read_text()
 
 

@@ -1,10 +1,10 @@
 """Published numbers as experiment files: ``expected_results/``, ``clrun +expected=<name>`` and
-``scripts/regress.py``."""
+the regression tool (cl_runner/regress.py: ``clrun-regress``, ``scripts/regress.py``)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,20 +14,17 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from cl_runner import sweeps
+from cl_runner import regress as regress_module
+from cl_runner import resources, sweeps
 from cl_runner.config import validate_config
 from conftest import REPO, TINY, read_results, run_clrun
 
-CONF_DIR = str(REPO / "conf")
+CONF_DIR = str(resources.CONF_DIR)
 FILES = sorted(sweeps.expected_files())
 
 
 def load_regress():
-    spec = importlib.util.spec_from_file_location("regress", REPO / "scripts" / "regress.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["regress"] = module
-    spec.loader.exec_module(module)
-    return module
+    return regress_module
 
 
 def test_there_are_experiment_files():
@@ -144,3 +141,61 @@ def test_regress_reads_the_previous_reports_minutes(tmp_path):
                       "| b_case | avg_acc | 50.00 | - | - | 3.00 | 0/10 | ERROR | 0.3 |\n")
     assert regress.previous_minutes(report) == {"a_case": 4.7, "b_case": 0.3}
     assert regress.previous_minutes(tmp_path / "missing.md") == {}
+
+
+def test_regress_report_names_paths_relative_to_the_checkout():
+    """The report's command line shows a data folder beside the checkout as ../shared/data, a
+    path inside it relative to it, and other values as given (no folder of the machine)."""
+    parent = REPO.parent
+    argv = ["--tier", "ci", "--data-dir", str(parent / "shared" / "data"), f"--out={REPO / 'docs' / 'R.md'}",
+            "--workdir", "rel/work", "--", "data_dir=x"]
+    assert regress_module.display_argv(argv) == ["--tier", "ci", "--data-dir", "../shared/data",
+                                                 "--out=docs/R.md", "--workdir", "rel/work", "--", "data_dir=x"]
+    assert regress_module.display_path("/elsewhere/data") == "/elsewhere/data"
+
+
+def users_folder(tmp_path: Path, value: float) -> Path:
+    """A user's folder with one experiment file of their own: clrun's der_seqmnist_sgd protocol
+    under another name, with a published number of ``value``."""
+    folder = tmp_path / "my_numbers"
+    folder.mkdir()
+    raw = (sweeps.EXPECTED_DIR / "der_seqmnist_sgd.yaml").read_text()
+    node = OmegaConf.load(sweeps.EXPECTED_DIR / "der_seqmnist_sgd.yaml")
+    old = f"value: {node.expected.value}"
+    assert old in raw
+    (folder / "my_seqmnist.yaml").write_text(raw.replace(old, f"value: {value}"))
+    return folder
+
+
+def test_clrun_runs_a_users_experiment_file_from_CLRUN_EXPECTED_DIRS(tmp_path, tiny_data_dir):
+    folder = users_folder(tmp_path, 50.0)
+    env = {"CLRUN_EXPECTED_DIRS": str(folder)}
+    proc = run_clrun(["+expected=my_seqmnist", f"data_dir={tiny_data_dir}", f"hydra.run.dir={tmp_path / 'run'}",
+                      "loggers=[]", *TINY], cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    res = read_results(tmp_path / "run")
+    assert res["expected"]["expected"] == 50.0 and res["config"]["benchmark"]["num_tasks"] == 5
+    proc = run_clrun(["+expected=my_seqmnist"], cwd=tmp_path, env={"CLRUN_EXPECTED_DIRS": str(tmp_path / "nope")})
+    assert proc.returncode == 2 and "CLRUN_EXPECTED_DIRS names" in proc.stderr and "not a folder" in proc.stderr
+
+
+def test_regress_runs_a_users_folder_with_dir(tmp_path, tiny_data_dir):
+    """``python -m cl_runner.regress --dir <folder>`` from another working directory: the user's
+    files are the cases (any tier), each run finds its file, and the report goes to ./RESULTS.md."""
+    folder = users_folder(tmp_path, 0.0)
+    here = tmp_path / "here"
+    here.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "CLRUN_EXPECTED_DIRS"}
+    proc = subprocess.run([sys.executable, "-m", "cl_runner.regress", "--dir", str(folder), "--max-seeds", "1",
+                           "--jobs", "1", "--data-dir", str(tiny_data_dir), "--workdir", "work", "--",
+                           *TINY], capture_output=True, text=True, timeout=600, cwd=here, env=env)
+    value = json.loads((here / "work" / "my_seqmnist" / "seed_0" / "results.json").read_text())["avg_acc"]
+    status = "PASS" if abs(value - 0.0) <= 1.5 else "FAIL"
+    assert proc.returncode == (0 if status == "PASS" else 1), proc.stdout + proc.stderr
+    text = (here / "RESULTS.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| my_seqmnist"))
+    assert f"| {value:.2f} +- " in row and f"| {status} |" in row
+    assert "der_seqmnist_sgd" not in text.split("## Sources")[0]  # only the user's files ran
+    missing = subprocess.run([sys.executable, "-m", "cl_runner.regress", "--dir", "nowhere"],
+                             capture_output=True, text=True, cwd=here)
+    assert missing.returncode == 2 and "--dir nowhere: no such folder" in missing.stderr

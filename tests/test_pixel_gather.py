@@ -1,5 +1,6 @@
-"""Pixel-remap tasks (benchmarks/pixels.py): the C gather against NumPy and against the
-transforms it replaces, and the stream cache that stores the remap instead of the pixels."""
+"""Pixel-remap tasks (benchmarks/pixels.py): the gather paths (C, torch.index_select, NumPy)
+against the definition and against the transforms they replace, the choice of path and its
+record, and the stream cache that stores the remap instead of the pixels."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from cl_runner.benchmarks.pixels import PixelGather, gather_all, rotation_index
 from cl_runner.benchmarks.transforms import permute_pixels, rotate
 from cl_runner.config import validate_config
 from cl_runner.data.datasets import load_image_dataset
+from cl_runner.errors import ConfigError
 
 needs_library = pytest.mark.skipif(pixels.library() is None,
                                    reason=f"native gather unavailable: {pixels.unavailable_reason()}")
@@ -33,10 +35,10 @@ def by_hand(base, g: PixelGather) -> np.ndarray:
     return out.reshape(n, c, h, w)
 
 
-@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("path", pixels.PATHS)
 @pytest.mark.parametrize("shape", [(1, 5, 5), (3, 4, 6), (1, 28, 28), (2, 3, 3)])
-def test_gather_matches_the_definition(native, shape):
-    if native and pixels.library() is None:
+def test_gather_matches_the_definition(path, shape):
+    if path == "c" and pixels.library() is None:
         pytest.skip(f"native gather unavailable: {pixels.unavailable_reason()}")
     rng = np.random.default_rng(1)
     c, h, w = shape
@@ -44,7 +46,9 @@ def test_gather_matches_the_definition(native, shape):
     index = rng.integers(-1, h * w, size=h * w).astype(np.int32)  # -1: a pixel from outside
     gathers = [PixelGather("a", index), PixelGather("a", index, np.array([8, 0, 3, 3], dtype=np.int64)),
                PixelGather("a", index, np.zeros(0, dtype=np.int64))]
-    outs = gather_all({"a": base}, gathers, native=native, threads=2)
+    record = {}
+    outs = gather_all({"a": base}, gathers, threads=2, path=path, record=record)
+    assert record["path"] == path
     for g, out in zip(gathers, outs):
         assert out.dtype == np.uint8 and out.flags.c_contiguous
         np.testing.assert_array_equal(out, by_hand(base, g))
@@ -57,10 +61,12 @@ def test_native_and_numpy_agree_over_many_chunks(monkeypatch):
     index = rotation_index(33.0, 28, 28)
     rows = np.sort(np.random.default_rng(3).choice(100, size=61, replace=False)).astype(np.int64)
     gathers = [PixelGather("b", index), PixelGather("b", index, rows)]
-    fast = gather_all({"b": base}, gathers, native=True, threads=3)
+    fast = gather_all({"b": base}, gathers, path="c", threads=3)
     slow = gather_all({"b": base}, gathers, native=False, threads=1)
-    for a, b in zip(fast, slow):
+    with_torch = gather_all({"b": base}, gathers, path="torch", threads=3)
+    for a, b, t in zip(fast, slow, with_torch):
         np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(t, b)
 
 
 @pytest.mark.parametrize("angle", [0.0, 9.0, 45.0, 90.0, 171.0, 270.5, -30.0])
@@ -92,9 +98,29 @@ def test_without_a_compiler_numpy_gathers(tmp_path, monkeypatch):
     monkeypatch.setattr(pixels.cbuild, "compiler", lambda: None)
     assert pixels.library() is None and "no C compiler" in pixels.unavailable_reason()
     base = images(5, 1, 28, 28)
-    out, = gather_all({"x": base}, [PixelGather("x", rotation_index(20.0, 28, 28))])
+    record = {}
+    out, = gather_all({"x": base}, [PixelGather("x", rotation_index(20.0, 28, 28))], record=record)
     np.testing.assert_array_equal(out, rotate(base, 20.0, "nearest"))
     assert not list((tmp_path / "cache").rglob("*.so"))
+    # the fallback is recorded with its reason; asking for the C path by name is an error
+    assert record["path"] == "numpy" and "c unavailable (no C compiler" in record["why"]
+    monkeypatch.setenv("CLRUN_GATHER", "c")
+    with pytest.raises(ConfigError, match="CLRUN_GATHER=c: the C gather is unavailable here"):
+        gather_all({"x": base}, [PixelGather("x", rotation_index(20.0, 28, 28))])
+
+
+def test_the_gather_path_is_chosen_by_CLRUN_GATHER(monkeypatch):
+    monkeypatch.setenv("CLRUN_GATHER", "torch")
+    assert pixels.choose() == ("torch", "$CLRUN_GATHER=torch: torch.index_select")
+    monkeypatch.setenv("CLRUN_GATHER", "numpy")
+    assert pixels.choose()[0] == "numpy"
+    monkeypatch.setenv("CLRUN_GATHER", "fast")
+    with pytest.raises(ConfigError, match="CLRUN_GATHER=fast is not a gather path"):
+        pixels.choose()
+    monkeypatch.delenv("CLRUN_GATHER")
+    path, why = pixels.choose()
+    expected = next(p for p in pixels.AUTO_ORDER if p != "c" or pixels.library() is not None)
+    assert path == expected and why.startswith("$CLRUN_GATHER=auto")
 
 
 # -- streams and their cache --------------------------------------------------------------------

@@ -5,6 +5,7 @@ buffer starts as the first gradient, then buf <- m * buf + g, theta <- theta - l
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -288,3 +289,45 @@ def test_bad_optimizer_and_activation_values_are_errors():
         with pytest.raises(ConfigError, match=match):
             validate_config(cfg)
     assert math.isclose(validate_config({})[0].optimizer.schedule.warmup_start, 0.1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("seeds", [None, [0, 1]])
+def test_stable_sgd_settings_are_what_the_run_uses_and_records(tiny_data_dir, tmp_path, monkeypatch, backend,
+                                                                seeds):
+    """One home for the regime: with benchmark.batch_size=32 on the command line, algo=stable_sgd's
+    batch of 10 is what the threads are chosen for, what the learner steps with (600 images per
+    task in batches of 10: 60 steps per task) and what results.json's config shows, next to the
+    optimizer and dropout values the run trained with; the same for several seeds in one run."""
+    import io
+
+    from rich.console import Console
+
+    from cl_runner import experiment
+    from cl_runner.experiment import run_experiment
+
+    if backend == "jax":
+        pytest.importorskip("jax")
+    chosen = []
+    choose = experiment.choose_threads
+
+    def spy(threads, backbone, batch_size, **kw):
+        chosen.append(batch_size)
+        return choose(threads, backbone, batch_size, **kw)
+
+    monkeypatch.setattr(experiment, "choose_threads", spy)
+    cfg = {"data_dir": str(tiny_data_dir), "progress": False, "loggers": [], "checkpoint": False, "device": "cpu",
+           "benchmark": {"name": "rotatedmnist", "num_tasks": 2, "batch_size": 32, "eval_batch_size": 200},
+           "backbone": {"type": "mlp", "width": 16}, "algo": {"name": "stable_sgd", "lr_decay": 0.5},
+           "backend": {"name": backend}, "training": {"epochs_per_task": 1}, "seeds": seeds}
+    run_experiment(cfg, tmp_path, console=Console(file=io.StringIO()))
+    folders = [tmp_path] if seeds is None else [tmp_path / f"seed={s}" for s in seeds]
+    for folder in folders:
+        r = json.loads((folder / "results.json").read_text())
+        c = r["config"]
+        assert c["benchmark"]["batch_size"] == 10 and c["backbone"]["dropout"] == 0.5
+        o = c["optimizer"]
+        assert (o["lr"], o["lr_decay"], o["lr_decay_offset"], o["lr_min"], o["momentum"], o["reset"]) == \
+            (0.1, 0.5, 1, 0.00005, 0.8, "epoch")
+        assert r["steps"] == 2 * 60
+    assert chosen and set(chosen) == {10}

@@ -56,20 +56,33 @@ class EWCConfig(AlgoConfig):
     fisher_samples: Optional[int] = 1024
     fisher_batch_size: int = 256
     # empirical: per-sample gradients at the true labels; true: at labels sampled from the model;
-    # weighted: empirical with each sample's squared gradient weighted by p(y | x) (Mammoth's
-    # online EWC); batch: the squared gradient of the mean loss over the samples (GEM's EWC baseline).
+    # argmax: at the model's most likely label (Hsu et al.'s EWC); weighted: empirical with each
+    # sample's squared gradient weighted by p(y | x) (Mammoth's online EWC); batch: the squared
+    # gradient of the mean loss over the samples (GEM's EWC baseline); agem: A-GEM's EWC (see below).
     fisher: str = "empirical"
+    # fisher: agem only (facebookresearch/agem model/model.py): during training the squared
+    # gradient of each step's mini-batch loss is summed, and every fisher_update_after steps the
+    # running Fisher becomes (1 - fisher_ema_decay) * F + fisher_ema_decay * sum / fisher_update_after;
+    # after a task F is min-max normalised to [0, 1] over all parameters, and the penalty is
+    # ewc_lambda * sum F (theta - theta*)^2 (no factor 1/2) with the latest task's F and end point
+    # only (one term, overwritten after each task).
+    fisher_update_after: int = 10
+    fisher_ema_decay: float = 0.9
 
     @staticmethod
     def check(algo) -> None:
-        from cl_runner.algorithms.regularization import FISHER_KINDS
+        from cl_runner.algorithms.regularization import check_fisher
 
-        if algo.fisher not in FISHER_KINDS:
-            raise ConfigError(f"algo.fisher: '{algo.fisher}' is not one of {', '.join(FISHER_KINDS)}.")
+        check_fisher(algo)
         if algo.fisher_samples is not None and algo.fisher_samples <= 0:
             raise ConfigError(f"algo.fisher_samples must be positive (or null for all), got {algo.fisher_samples}.")
         if algo.fisher_batch_size <= 0:
             raise ConfigError(f"algo.fisher_batch_size must be positive, got {algo.fisher_batch_size}.")
+        if algo.fisher_update_after <= 0:
+            raise ConfigError(f"algo.fisher_update_after must be a positive number of steps, "
+                              f"got {algo.fisher_update_after}.")
+        if not 0 < algo.fisher_ema_decay <= 1:
+            raise ConfigError(f"algo.fisher_ema_decay must be in (0, 1], got {algo.fisher_ema_decay}.")
 
 
 # Algorithms whose schemas live in their own modules (imported last: they use register_algo).

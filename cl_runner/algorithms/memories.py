@@ -3,7 +3,8 @@
 A backend keeps the stored samples where its arrays live (device tensors, host arrays); what to
 store, where, and what to evict is decided here, once, so both backends follow the same rules:
 
-* ``memory_sizes``: slots of an ER / DER / DER++ / A-GEM memory from ``mem_size`` / ``mem_per_task``.
+* ``memory_sizes``: slots of an ER / DER / DER++ / A-GEM memory from ``mem_size`` / ``mem_per_task``,
+  and ``class_ring_layout``: where each (task, class) ring of ``mem_policy: class_ring`` lies.
 * ``GreedyClassBalancedSampler``: GDumb's sampler (Prabhu et al. 2020, Algorithm 1) and
   ``sgdr_lr``, its retraining schedule.
 * ``ExemplarSets``: iCaRL's ordered exemplar sets per class (Rebuffi et al. 2017, Algorithms 4
@@ -27,6 +28,8 @@ def memory_sizes(cfg, num_tasks: int) -> tuple[int | None, int | None]:
     """(capacity, per_task) of the memory an algorithm's config asks for: ``mem_policy`` and
     ``mem_size`` (total) or ``mem_per_task`` (per task; it wins when both are set). A ring has
     ``per_task`` slots per task (capacity None); the other policies a total ``capacity``."""
+    if cfg.mem_policy == "class_ring":
+        raise ValueError("a class_ring memory's size comes from class_ring_layout")
     per_task, total = cfg.mem_per_task, cfg.mem_size
     if per_task is None and total is None:
         raise ConfigError("set the memory size: algo.mem_size (total) or algo.mem_per_task.")
@@ -37,6 +40,26 @@ def memory_sizes(cfg, num_tasks: int) -> tuple[int | None, int | None]:
                               f"with mem_policy=ring; raise it or set algo.mem_per_task.")
         return None, per_task
     return (per_task * num_tasks if per_task is not None else total), per_task
+
+
+def class_ring_layout(task_classes, per_class: int, num_outputs: int) -> tuple[int, np.ndarray]:
+    """(capacity, start) of a ``class_ring`` memory: every class of every task owns ``per_class``
+    consecutive slots, the tasks' blocks one after another and, inside a task's block, its
+    classes in the task's order. ``start[t, c]`` is the first slot of class c in task t, -1 when
+    task t has no class c. This is A-GEM's episodic memory (facebookresearch/agem
+    conv_split_cifar.py:430-440 and fc_permute_mnist.py:307-316: a sample of class c goes to slot
+    ``count_cls[c] + mem_size * (c's index in the task) + (the earlier tasks' slots)``, then
+    ``count_cls[c] = (count_cls[c] + 1) % mem_size``)."""
+    per_class = int(per_class)
+    if per_class < 1:
+        raise ConfigError(f"config key 'algo.mem_per_class' must be a positive integer, got {per_class}.")
+    start = np.full((len(task_classes), int(num_outputs)), -1, dtype=np.int64)
+    slot = 0
+    for t, classes in enumerate(task_classes):
+        for c in np.asarray(classes).tolist():
+            start[t, int(c)] = slot
+            slot += per_class
+    return slot, start
 
 
 # -- GDumb ----------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Schemas of the replay methods: ER, DER, DER++, A-GEM, GEM, iCaRL and GDumb.
 
 ER, DER, DER++ and A-GEM have the same memory keys: ``mem_policy`` (reservoir | class_balanced |
-ring), ``mem_size`` (total slots) or ``mem_per_task`` (slots per task; it wins when both are set),
-and ``replay_batch_size`` (samples drawn from the memory per step; null: the stream batch size).
+ring | class_ring), ``mem_size`` (total slots) or ``mem_per_task`` (slots per task; it wins when
+both are set), ``mem_per_class`` (class_ring only: slots per class of each task), and
+``replay_batch_size`` (samples drawn from the memory per step; null: the stream batch size).
 GEM (a ring per task), iCaRL (ordered exemplar sets per class) and GDumb (a greedy
 class-balanced memory) keep memories of their own kind, with the keys their papers use.
 """
@@ -18,16 +19,24 @@ from cl_runner.algorithms import register_algo
 from cl_runner.config.schema import AlgoConfig
 from cl_runner.errors import ConfigError
 
-MEMORY_POLICIES = ("reservoir", "class_balanced", "ring")
+MEMORY_POLICIES = ("reservoir", "class_balanced", "ring", "class_ring")
 
 
 def check_memory(algo) -> None:
     if algo.mem_policy not in MEMORY_POLICIES:
         raise ConfigError(f"config key 'algo.mem_policy': '{algo.mem_policy}' is not one of "
                           f"{', '.join(MEMORY_POLICIES)}.")
-    if algo.mem_size is None and algo.mem_per_task is None:
+    if algo.mem_policy == "class_ring":
+        if algo.mem_per_class is None:
+            raise ConfigError("algo.mem_policy=class_ring keeps the last algo.mem_per_class samples of "
+                              "each class of each task: set algo.mem_per_class (e.g. 13).")
+    elif algo.mem_per_class is not None:
+        raise ConfigError(f"config key 'algo.mem_per_class' ({algo.mem_per_class}) is read only with "
+                          f"algo.mem_policy=class_ring (now '{algo.mem_policy}'): set algo.mem_policy=class_ring "
+                          "or algo.mem_per_class=null.")
+    elif algo.mem_size is None and algo.mem_per_task is None:
         raise ConfigError("set the memory size: algo.mem_size (total) or algo.mem_per_task.")
-    for key in ("mem_size", "mem_per_task", "replay_batch_size"):
+    for key in ("mem_size", "mem_per_task", "mem_per_class", "replay_batch_size"):
         value = getattr(algo, key)
         if value is not None and value <= 0:
             raise ConfigError(f"config key 'algo.{key}' must be a positive integer or null, got {value}.")
@@ -38,12 +47,15 @@ def check_memory(algo) -> None:
 @dataclass
 class ERConfig(AlgoConfig):
     name: str = "er"
-    # reservoir (over the whole stream) | class_balanced (equal slots per class) | ring (FIFO per task).
+    # reservoir (over the whole stream) | class_balanced (equal slots per class) | ring (FIFO per task)
+    # | class_ring (FIFO per class of each task).
     mem_policy: str = "reservoir"
     # Total memory slots (null: use mem_per_task).
     mem_size: Optional[int] = 200
     # Slots per task (overrides mem_size when set).
     mem_per_task: Optional[int] = None
+    # class_ring only: slots of each class of each task (its latest samples).
+    mem_per_class: Optional[int] = None
     # Memory samples concatenated to each stream batch (null: the stream batch size).
     replay_batch_size: Optional[int] = None
 
@@ -58,6 +70,7 @@ class DERConfig(AlgoConfig):
     mem_policy: str = "reservoir"
     mem_size: Optional[int] = 200
     mem_per_task: Optional[int] = None
+    mem_per_class: Optional[int] = None
     # Memory samples per step (null: the stream batch size).
     replay_batch_size: Optional[int] = None
     # Weight of the logit-matching term (the paper's seq-MNIST value for a 200-sample buffer).
@@ -74,6 +87,7 @@ class DERPPConfig(AlgoConfig):
     mem_policy: str = "reservoir"
     mem_size: Optional[int] = 200
     mem_per_task: Optional[int] = None
+    mem_per_class: Optional[int] = None
     # Memory samples per step, for each of the two memory batches (null: the stream batch size).
     replay_batch_size: Optional[int] = None
     # Weights of the logit-matching and the label terms (seq-MNIST, 200-sample buffer).
@@ -88,11 +102,14 @@ class DERPPConfig(AlgoConfig):
 @dataclass
 class AGEMConfig(AlgoConfig):
     name: str = "agem"
-    # ring: each task keeps its last mem_per_task samples (the paper's per-task episodic memory).
+    # ring: each task keeps its last mem_per_task samples; class_ring: each class of each task its
+    # last mem_per_class samples (the reference code's episodic memory).
     mem_policy: str = "ring"
     mem_size: Optional[int] = None
     # Slots per task (250 in the paper's MNIST experiments).
     mem_per_task: Optional[int] = 250
+    # class_ring only: slots per class of each task (the reference's 25 on MNIST, 13 on CIFAR).
+    mem_per_class: Optional[int] = None
     # Memory samples the reference gradient is computed on (256 in the paper's MNIST experiments).
     replay_batch_size: Optional[int] = 256
 

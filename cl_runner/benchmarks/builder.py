@@ -187,13 +187,15 @@ def load_cached(path: Path) -> Stream:
                 g["split"], np.load(path / f"task{tm['id']}_{part}_index.npy"), rows)
         arrays.append(parts)
     keys = list(plan.parts)
-    for key, x in zip(keys, gather_all(plan.bases, [plan.parts[key] for key in keys])):
+    gather = {} if keys else None
+    for key, x in zip(keys, gather_all(plan.bases, [plan.parts[key] for key in keys], record=gather)):
         arrays[key[0]][key[1]] = x
     tasks = [Task(id=tm["id"], classes=np.asarray(tm["classes"], dtype=np.int64), info=tm["info"],
                   **parts) for tm, parts in zip(meta["tasks"], arrays)]
     return Stream(name=meta["name"], scenario=meta["scenario"], tasks=tasks,
                   num_outputs=meta["num_outputs"], input_shape=tuple(meta["input_shape"]),
-                  mean=tuple(meta["mean"]), std=tuple(meta["std"]), plan=plan if plan.parts else None)
+                  mean=tuple(meta["mean"]), std=tuple(meta["std"]), plan=plan if plan.parts else None,
+                  gather=gather)
 
 
 def subset_rows(total: int, n: int | None, rng: np.random.Generator) -> np.ndarray | None:

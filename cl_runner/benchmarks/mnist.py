@@ -46,9 +46,11 @@ def _input_domain_stream(name, bcfg, ds: ImageDataset, seed, num_tasks, scenario
             xte = ds.test_x if rte is None else ds.test_x[rte]
             xtr, xte, info = transform(t, xtr, xte)
         parts.append([xtr, ytr, xte, yte, info])
+    gather = None
     if plan.parts:
         keys = list(plan.parts)
-        for key, x in zip(keys, gather_all(plan.bases, [plan.parts[key] for key in keys])):
+        gather = {}
+        for key, x in zip(keys, gather_all(plan.bases, [plan.parts[key] for key in keys], record=gather)):
             parts[key[0]][0 if key[1] == "train_x" else 2] = x
     tasks = []
     for t, (xtr, ytr, xte, yte, info) in enumerate(parts):
@@ -59,7 +61,7 @@ def _input_domain_stream(name, bcfg, ds: ImageDataset, seed, num_tasks, scenario
     return Stream(name=name, scenario=scenario, tasks=tasks,
                   num_outputs=k if shared else k * num_tasks,
                   input_shape=tuple(ds.train_x.shape[1:]), mean=ds.mean, std=ds.std,
-                  plan=plan if plan.parts else None)
+                  plan=plan if plan.parts else None, gather=gather)
 
 
 def rotation_jitter_mode(value) -> str | None:

@@ -4,9 +4,17 @@ A task of Rotated MNIST (one angle per task, nearest-neighbour) or Permuted MNIS
 split's images with every output pixel taken from one fixed source pixel: a :class:`PixelGather`,
 an index over the H*W pixels plus, for subsets, the rows drawn. The stream cache stores the
 source split once and each task's index (a few kilobytes) instead of the task's pixels: for 20
-Rotated-MNIST tasks, 55 MB instead of 1.1 GB. Loading gathers the tasks again, with a small C
-kernel (gather.c, compiled once per machine into clrun's cache) on every core, or NumPy's
-``take`` where no C compiler exists. Both give the same bytes as building the stream anew.
+Rotated-MNIST tasks, 55 MB instead of 1.1 GB. Loading gathers the tasks again, on every core,
+by one of three paths that give the same bytes as building the stream anew:
+
+``c``      gather.c, compiled once per machine by the system's C compiler into clrun's cache;
+``torch``  ``torch.index_select`` over each channel's pixels (PyTorch's own kernel);
+``numpy``  NumPy's ``take`` (always there).
+
+``$CLRUN_GATHER`` (``auto`` by default) picks one; ``auto`` takes the first of
+:data:`AUTO_ORDER` that this machine has, the one switch that keeps or drops the C kernel as the
+default (scripts/bench_kernels.py measures the paths side by side). A stream records which path
+made its images and why (``Stream.gather``, results.json ``kernels.gather``).
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import ctypes
 import logging
 import os
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +37,10 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("gather.c")
 CHUNK_ROWS = 4096  # rows per job handed to a thread
+PATHS = ("c", "torch", "numpy")
+#: ``auto`` takes the first of these that this machine has (see the module's docstring).
+AUTO_ORDER = ("c", "numpy")
+GATHER_ENV = "CLRUN_GATHER"
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -84,9 +97,10 @@ def library() -> ctypes.CDLL | None:
         if _library is not None or _unavailable is not None:
             return _library
         try:
-            path = cbuild.library_path(SOURCE, "gather")
+            cmd = cbuild.compiler()
+            path = cbuild.library_path(SOURCE, "gather", None, cmd)
             if not path.exists():
-                cbuild.compile_library(SOURCE, path, cbuild.compiler())
+                cbuild.compile_library(SOURCE, path, cmd)
             lib = ctypes.CDLL(str(path))
             p, i64 = ctypes.c_void_p, ctypes.c_int64
             lib.clrun_gather_pixels.argtypes = [p, i64, p, i64, i64, i64, i64, p, p]
@@ -94,7 +108,7 @@ def library() -> ctypes.CDLL | None:
             _library = lib
         except Exception as err:  # NumPy computes the same bytes, more slowly
             _unavailable = str(err)
-            log.info("clrun: the native pixel gather is unavailable (%s); NumPy is used", err)
+            log.info("clrun: the native pixel gather is unavailable (%s)", err)
     return _library
 
 
@@ -120,9 +134,45 @@ def _check(base: np.ndarray, g: PixelGather) -> None:
             raise ValueError(f"pixel gather: rows must lie in [0, {len(base)})")
 
 
-def _gather_rows(lib, base: np.ndarray, g: PixelGather, out: np.ndarray, start: int, stop: int) -> None:
+def choose(path: str | None = None) -> tuple[str, str]:
+    """(the gather path to run, why) for ``path`` (default ``$CLRUN_GATHER``, else ``auto``).
+    An explicit path this machine lacks is an error naming the reason."""
+    from cl_runner.errors import ConfigError
+
+    requested = (path or os.environ.get(GATHER_ENV) or "auto").strip().lower()
+    if requested != "auto" and requested not in PATHS:
+        raise ConfigError(f"${GATHER_ENV}={requested} is not a gather path: use auto, {', '.join(PATHS)}.")
+    source = f"${GATHER_ENV}={requested}" if path is None else f"gather path {requested}"
+    skipped = []
+    for candidate in (AUTO_ORDER if requested == "auto" else (requested,)):
+        reason = unavailable_reason() if candidate == "c" else None
+        if reason is None:
+            detail = {"c": f"gather.c built by {cbuild.describe(cbuild.compiler())}",
+                      "torch": "torch.index_select", "numpy": "numpy.take"}[candidate]
+            return candidate, f"{source}: {detail}" + (f" ({'; '.join(skipped)})" if skipped else "")
+        if requested != "auto":
+            raise ConfigError(f"{source}: the C gather is unavailable here ({reason}); use auto, torch or numpy.")
+        skipped.append(f"{candidate} unavailable ({reason})")
+    return "numpy", f"{source}: numpy.take ({'; '.join(skipped)})"
+
+
+def _gather_rows(lib, base: np.ndarray, g: PixelGather, out: np.ndarray, start: int, stop: int,
+                 path: str = "numpy") -> None:
     n, c, h, w = base.shape
-    if lib is not None:
+    if path == "torch":
+        import torch
+
+        with warnings.catch_warnings():  # a read-only map of the cache: only read here
+            warnings.simplefilter("ignore", UserWarning)
+            src = torch.from_numpy(base[start:stop] if g.rows is None else base[g.rows[start:stop]])
+        dst = torch.from_numpy(out[start:stop]).view(stop - start, c, h * w)
+        index = torch.from_numpy(np.maximum(g.index, 0).astype(np.int64))
+        torch.index_select(src.reshape(stop - start, c, h * w), 2, index, out=dst)
+        outside = np.flatnonzero(g.index < 0)
+        if len(outside):
+            dst[:, :, torch.from_numpy(outside)] = 0
+        return
+    if path == "c":
         rows = None if g.rows is None else g.rows.ctypes.data
         rc = lib.clrun_gather_pixels(base.ctypes.data, c * h * w, rows, start, stop, c, h * w,
                                      g.index.ctypes.data, out.ctypes.data)
@@ -142,11 +192,17 @@ def workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def gather_all(bases: dict[str, np.ndarray], gathers: list[PixelGather],
-               native: bool = True, threads: int | None = None) -> list[np.ndarray]:
+def gather_all(bases: dict[str, np.ndarray], gathers: list[PixelGather], native: bool = True,
+               threads: int | None = None, path: str | None = None,
+               record: dict | None = None) -> list[np.ndarray]:
     """The images of each gather in ``gathers``, computed on ``threads`` threads (every core by
-    default). The C kernel releases the GIL, so the threads run in parallel."""
-    lib = library() if native else None
+    default) by the gather ``path`` (default: :func:`choose`'s; ``native=False``: numpy). The C
+    kernel, NumPy's take and PyTorch's index_select release the GIL, so the threads run in
+    parallel. ``record`` (a dict) receives the path that ran and why."""
+    chosen, why = ("numpy", "gather path numpy (native=False)") if not native and path is None else choose(path)
+    lib = library() if chosen == "c" else None
+    if record is not None:
+        record.update(path=chosen, why=why)
     outs = []
     jobs = []
     with small_pages():
@@ -160,10 +216,10 @@ def gather_all(bases: dict[str, np.ndarray], gathers: list[PixelGather],
     threads = threads or workers()
     if threads == 1 or len(jobs) <= 1:
         for job in jobs:
-            _gather_rows(lib, *job)
+            _gather_rows(lib, *job, path=chosen)
     else:
         with ThreadPoolExecutor(threads) as pool:
-            for done in [pool.submit(_gather_rows, lib, *job) for job in jobs]:
+            for done in [pool.submit(_gather_rows, lib, *job, path=chosen) for job in jobs]:
                 done.result()
     return outs
 

@@ -45,6 +45,9 @@ class Stream:
     # How the task images derive from the source splits where they are pixel remaps
     # (a benchmarks.pixels.GatherPlan): the disk cache stores this instead of the pixels.
     plan: Any = field(default=None, repr=False, compare=False)
+    # Which pixel-gather path made the remapped images, and why (pixels.gather_all's record;
+    # None where no task is a pixel remap). results.json stores it under kernels.gather.
+    gather: Any = field(default=None, repr=False, compare=False)
 
     @property
     def num_tasks(self) -> int:

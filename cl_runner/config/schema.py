@@ -52,6 +52,9 @@ class BenchmarkConfig:
     # with probability 1/2 (the standard CIFAR / Tiny ImageNet recipe). Evaluation never augments.
     augment: bool = False
     crop_padding: int = 4
+    # With augment: false leaves out the flip (the crop only: GDumb's recipe for MNIST, whose
+    # digits are not mirror-symmetric; drimpossible/GDumb src/dataloader.py:112-128).
+    augment_flip: bool = True
 
 
 @dataclass
@@ -73,6 +76,9 @@ class BackboneConfig:
     # Output layer: fixed (one layer over every unit), incremental (class-IL, domain-IL: units added
     # when new classes appear) or multihead (task-IL: a head added per task); torch backend.
     head: str = "fixed"
+    # mlp: each linear layer (the output layer too) without a bias and followed by batch norm
+    # (PyTorch's BatchNorm1d: momentum 0.1, eps 1e-5), the hidden ones then ReLU: GDumb's MNIST MLP.
+    batch_norm: bool = False
     # resnet18: base filters (20: the reduced ResNet-18 of GEM / A-GEM; 64: the full one of DER).
     nf: int = 64
     # resnet18: fp32, or bf16 (bfloat16 mixed precision: convolutions in bf16, parameters,
@@ -124,6 +130,10 @@ class OptimizerConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     # Clip the global gradient norm to this value (null: no clipping).
     grad_clip_norm: Optional[float] = None
+    # Clip each gradient element to [-grad_clip_value, grad_clip_value] (null: no clipping), as
+    # torch.nn.utils.clip_grad_value_ (Mammoth's SI, models/si.py). Applied to the full gradient
+    # (task loss plus any penalty), after grad_clip_norm, before weight decay and momentum.
+    grad_clip_value: Optional[float] = None
 
 
 @dataclass
@@ -153,9 +163,13 @@ class BackendConfig:
     # kernels autograd calls, without the autograd engine; backends/torch/fused.py).
     # false: autograd and torch.optim for every step.
     fused_step: bool = True
-    # torch on a CPU: the SGD update (with EWC's or MAS's penalty gradient) as one pass of a small
-    # C file compiled once into the cache (backends/torch/native.py); the same float32 operations
-    # as PyTorch's kernels. Used where a C compiler is found; false: PyTorch's kernels.
+    # torch on a CPU: how the SGD update (with EWC's or MAS's penalty gradient) runs
+    # (backends/torch/update.py): c (a small C file compiled once into the cache by the system's
+    # compiler), numba, compile (torch.compile), fused (torch's fused SGD kernel), foreach
+    # (torch._foreach ops), or auto (the first of update.AUTO_ORDER this machine has).
+    # results.json records the path that ran and why (kernels.update).
+    update_path: str = "auto"
+    # false: the same as update_path=foreach (PyTorch's kernels; kept for older configs).
     native_update: bool = True
     # torch on a CUDA GPU: runs of 64 training steps recorded once per epoch as a CUDA graph and
     # replayed (backends/torch/graphs.py), where the step allows it (the fused MLP step, plain

@@ -156,6 +156,13 @@ def _check_values(cfg: Any) -> None:
     positive("benchmark.classes_per_task", cfg.benchmark.classes_per_task, allow_none=True)
     positive("training.epochs_per_task", cfg.training.epochs_per_task)
     positive("optimizer.lr", cfg.optimizer.lr)
+    positive("optimizer.grad_clip_value", cfg.optimizer.grad_clip_value, allow_none=True)
+    if cfg.backbone.batch_norm and cfg.backbone.type != "mlp":
+        raise ConfigError(f"config key 'backbone.batch_norm' is read by backbone.type=mlp only (resnet18 "
+                          f"has its batch norms always); got type '{cfg.backbone.type}': set backbone.batch_norm=false.")
+    if cfg.backbone.batch_norm and cfg.backbone.head != "fixed":
+        raise ConfigError(f"backbone.batch_norm=true normalises the output layer, which backbone.head="
+                          f"{cfg.backbone.head} cannot grow; use backbone.head=fixed.")
     if not (0 <= cfg.backbone.dropout < 1):
         raise ConfigError(f"config key 'backbone.dropout' must be in [0, 1), got {cfg.backbone.dropout}.")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(cfg.device)):

@@ -46,12 +46,14 @@ def random_crop_flip(key, x, padding: int, fill=None, flip: bool = True):
 
 
 def augment_settings(bcfg, mean, std):
-    """(padding, per-channel fill) for ``bcfg``, or None when ``augment`` is off. The fill is
-    the normalised value of a black pixel, -mean/std, as when the raw image is zero-padded."""
+    """(padding, per-channel fill, flip) for ``bcfg`` -- the arguments of
+    :func:`random_crop_flip` after the key and the images -- or None when ``augment`` is off.
+    The fill is the normalised value of a black pixel, -mean/std, as when the raw image is
+    zero-padded; ``flip`` is ``augment_flip``."""
     if not getattr(bcfg, "augment", False):
         return None
     padding = int(getattr(bcfg, "crop_padding", 4))
     if padding < 0:
         raise ConfigError(f"config key 'benchmark.crop_padding' must be 0 or more, got {padding}.")
     fill = -(np.asarray(mean, np.float32).ravel() / np.asarray(std, np.float32).ravel())
-    return padding, fill
+    return padding, fill, bool(getattr(bcfg, "augment_flip", True))

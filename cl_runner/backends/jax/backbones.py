@@ -46,16 +46,58 @@ def torch_uniform(fan_in: int) -> Callable:
 
 
 class Dense(nn.Module):
-    """y = x W + b with PyTorch's default initialisation."""
+    """y = x W + b with PyTorch's default initialisation (``use_bias`` False: y = x W)."""
 
     features: int
+    use_bias: bool = True
 
     @nn.compact
     def __call__(self, x):
         fan_in = x.shape[-1]
         kernel = self.param("kernel", torch_uniform(fan_in), (fan_in, self.features))
+        if not self.use_bias:
+            return x @ kernel
         bias = self.param("bias", torch_uniform(fan_in), (self.features,))
         return x @ kernel + bias
+
+
+class BatchNorm1d(nn.Module):
+    """PyTorch's ``nn.BatchNorm1d`` on (N, F): in training each feature is normalised with the
+    batch's mean and biased variance, and the running averages move by ``momentum`` towards the
+    batch mean and the *unbiased* batch variance (as PyTorch's; flax's BatchNorm uses the biased
+    one); in evaluation the running averages are used. Scale 1 and shift 0 at the start; the
+    running averages are the ``batch_stats`` collection (mean 0, var 1), which the JAX learner
+    carries as a part's state (learner.BatchStats)."""
+
+    momentum: float = 0.1
+    eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        f = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (f,))
+        shift = self.param("bias", nn.initializers.zeros, (f,))
+        if not self.is_initializing() and not self.has_variable("batch_stats", "mean"):
+            from cl_runner.errors import ConfigError
+
+            raise ConfigError(
+                "backbone.batch_norm=true, and this code applies the model without its running "
+                "averages: on backend=jax a batch-norm MLP supports the learner's own training and "
+                "evaluation (naive, joint, gdumb) but not algorithms that run the model themselves; "
+                "use backend=torch or backbone.batch_norm=false.")
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((f,), jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((f,), jnp.float32))
+        if train:
+            mean = jnp.mean(x, axis=0)
+            var = jnp.mean((x - mean) ** 2, axis=0)
+            if not self.is_initializing():
+                n = x.shape[0]
+                m = self.momentum
+                ra_mean.value = (1 - m) * ra_mean.value + m * mean
+                ra_var.value = (1 - m) * ra_var.value + m * var * (n / max(n - 1, 1))
+        else:
+            mean, var = ra_mean.value, ra_var.value
+        return (x - mean) / jnp.sqrt(var + self.eps) * scale + shift
 
 
 class Conv(nn.Module):
@@ -106,13 +148,18 @@ class MLPFeatures(nn.Module):
     width: int
     dropout: float = 0.0
     activation: str = "relu"
+    batch_norm: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         h = x.reshape((x.shape[0], -1))
         act = ACTIVATIONS[self.activation]
         for i in range(self.n_hidden_layers):
-            h = act(Dense(self.width, name=f"layers_{i}")(h))
+            if self.batch_norm:  # linear without bias, batch norm, activation (as the PyTorch backend's)
+                h = Dense(self.width, use_bias=False, name=f"layers_{i}")(h)
+                h = act(BatchNorm1d(name=f"norm_{i}")(h, train))
+            else:
+                h = act(Dense(self.width, name=f"layers_{i}")(h))
             if self.dropout > 0:
                 h = nn.Dropout(self.dropout, deterministic=not train)(h)
         return h
@@ -136,18 +183,31 @@ class CNNFeatures(nn.Module):
         return h
 
 
+class NormedHead(nn.Module):
+    """The output layer of a batch-norm MLP: a linear layer without bias, then batch norm."""
+
+    num_outputs: int
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return BatchNorm1d(name="norm")(Dense(self.num_outputs, use_bias=False, name="linear")(x), train)
+
+
 class Backbone(nn.Module):
-    """``features`` then a linear ``head`` over all ``num_outputs`` units."""
+    """``features`` then a linear ``head`` over all ``num_outputs`` units (``batch_norm``: the
+    head is a :class:`NormedHead`)."""
 
     features: nn.Module
     feature_dim: int
     num_outputs: int
+    batch_norm: bool = False
 
     def setup(self):
-        self.head = Dense(self.num_outputs)
+        self.head = NormedHead(self.num_outputs) if self.batch_norm else Dense(self.num_outputs)
 
     def __call__(self, x, train: bool = False):
-        return self.head(self.embed(x, train))
+        h = self.embed(x, train)
+        return self.head(h, train) if self.batch_norm else self.head(h)
 
     def embed(self, x, train: bool = False):
         return self.features(x, train)
@@ -157,9 +217,10 @@ class Backbone(nn.Module):
 def mlp(cfg, input_shape, num_outputs: int, conv_impl: str = "lax") -> Backbone:
     width_in = int(math.prod(input_shape))
     feature_dim = cfg.width if cfg.n_hidden_layers > 0 else width_in
+    bn = bool(getattr(cfg, "batch_norm", False))
     feats = MLPFeatures(int(cfg.n_hidden_layers), int(cfg.width), float(cfg.dropout),
-                        str(getattr(cfg, "activation", "relu")))
-    return Backbone(feats, feature_dim, num_outputs)
+                        str(getattr(cfg, "activation", "relu")), bn)
+    return Backbone(feats, feature_dim, num_outputs, bn)
 
 
 @BACKBONES.register("cnn", backend="jax")

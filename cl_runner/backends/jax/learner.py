@@ -90,9 +90,11 @@ class Part:
 
     def after_batch(self, state, x, y, t, logits, weights):
         """The part's new state once the step on the stream batch (x, y, task ids t or None)
-        is done (traced): what a replay memory stores. ``logits`` are the batch's logits of
-        the step's forward pass (before the update); ``weights`` None, or 0 for the padding
-        of a padded last batch."""
+        is done (traced): what a replay memory stores. ``x`` is the batch before
+        ``benchmark.augment`` (a memory keeps it so and augments it when it replays it);
+        ``logits`` are the logits of the step's forward pass on the batch it trained on
+        (augmented, before the update); ``weights`` None, or 0 for the padding of a padded last
+        batch."""
         return state
 
     def state_dict(self) -> dict[str, Any]:
@@ -379,6 +381,7 @@ class JaxLearner(Learner):
         if self.dropout:
             key, dropout_key = jax.random.split(key)
         xb, yb = x[batch], y[batch]
+        raw = xb  # what a replay memory stores (after_batch): the batch before augmentation
         if self._augment is not None:
             key, augment_key = jax.random.split(key)
             xb = random_crop_flip(augment_key, xb, *self._augment)
@@ -405,7 +408,7 @@ class JaxLearner(Learner):
             for i, p in self._step_parts:
                 part_states[i] = p.after_step(params, new_params, loss_grads, part_states[i])
             for i, p in self._batch_parts:
-                part_states[i] = p.after_batch(part_states[i], xb, yb, tb, jax.lax.stop_gradient(logits),
+                part_states[i] = p.after_batch(part_states[i], raw, yb, tb, jax.lax.stop_gradient(logits),
                                                weights)
             part_states = tuple(part_states)
         return (new_params, opt_state, part_states, key), loss

@@ -13,6 +13,9 @@ last one a "discard" row that takes the writes of samples not kept.
   each a reservoir over its class's samples; when new classes arrive (between tasks, on the
   host) each region keeps a uniformly random subset of what it held.
 * ``ring``: ``per_task`` slots per task holding the task's latest samples.
+* ``class_ring``: ``per_class`` slots for every (task, class) pair of the stream holding the
+  latest samples of that class in that task (A-GEM's episodic memory; the layout is
+  ``memories.class_ring_layout``'s, a table in the state).
 
 A batch is inserted at once: each sample's slot comes from array operations (its position in
 the stream, one uniform draw), and where two samples of one batch get the same slot the later
@@ -29,6 +32,11 @@ min(k, stored) samples, as on the PyTorch backend, and 0 when the memory is empt
 The PRNG key of insertion and sampling is in the state too: traced hooks that cannot return a
 state (``extra_loss``, ``adjust_grads``) draw from ``fold_in(key, purpose)``, and
 ``after_batch`` moves the key on after every step.
+
+With ``benchmark.augment`` the memory receives the stream batch before augmentation (the
+learner's ``after_batch`` gets it so) and :meth:`MemoryPart.draw` augments every memory batch
+afresh with its own key, as the references replay (Mammoth utils/buffer.py stores
+``not_aug_inputs``; ``get_data`` applies ``transform``, utils/buffer.py:89-109).
 """
 
 from __future__ import annotations
@@ -39,14 +47,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cl_runner.algorithms.memories import memory_sizes
+from cl_runner.algorithms.memories import class_ring_layout, memory_sizes
+from cl_runner.backends.jax.augment import random_crop_flip
 from cl_runner.backends.jax.learner import Part, cross_entropy
 from cl_runner.errors import ConfigError
 
-POLICIES = ("reservoir", "class_balanced", "ring")
+POLICIES = ("reservoir", "class_balanced", "ring", "class_ring")
 
 #: ``fold_in`` purposes of the memory's key within one step.
-INSERT, SAMPLE, SAMPLE_2, DROPOUT = 0, 1, 2, 3
+INSERT, SAMPLE, SAMPLE_2, DROPOUT, DROPOUT_2 = 0, 1, 2, 3, 4
+#: Added to a draw's purpose for the key of its augmentation.
+AUGMENT = 16
 
 
 def derived_seed(seed: int, purpose: int) -> int:
@@ -87,7 +98,7 @@ class ReplayMemory:
 
     def __init__(self, policy: str, input_shape, *, capacity: int | None = None,
                  per_task: int | None = None, num_tasks: int = 1, num_outputs: int = 1,
-                 store_logits: bool = False):
+                 store_logits: bool = False, per_class: int | None = None, task_classes=None):
         if policy not in POLICIES:
             raise ConfigError(f"memory policy '{policy}' is not one of {', '.join(POLICIES)}.")
         self.policy = policy
@@ -95,11 +106,20 @@ class ReplayMemory:
         self.num_outputs = int(num_outputs)
         self.input_shape = tuple(input_shape)
         self.store_logits = store_logits
+        self.per_class = None
+        self.pair_start = None
         if policy == "ring":
             if not per_task or per_task <= 0:
                 raise ConfigError("a ring memory needs a positive number of slots per task.")
             self.per_task = int(per_task)
             self.capacity = self.per_task * self.num_tasks
+        elif policy == "class_ring":
+            if task_classes is None or not per_class:
+                raise ConfigError("a class_ring memory needs the slots per class and every task's classes.")
+            self.per_task = None
+            self.per_class = int(per_class)
+            self.num_tasks = len(task_classes)
+            self.capacity, self.pair_start = class_ring_layout(task_classes, self.per_class, self.num_outputs)
         else:
             if not capacity or capacity <= 0:
                 raise ConfigError(f"a {policy} memory needs a positive size.")
@@ -121,6 +141,9 @@ class ReplayMemory:
         }
         if self.store_logits:
             state["logits"] = np.zeros((rows, self.num_outputs), np.float32)
+        if self.policy == "class_ring":  # first slot of each (task, class) ring, and samples offered
+            state["pair_start"] = self.pair_start.astype(np.int32)
+            state["pair_seen"] = np.zeros(self.pair_start.shape, np.int32)
         return state
 
     # -- writing (traced) ------------------------------------------------------------------------
@@ -140,6 +163,17 @@ class ReplayMemory:
             # Only the batch's last per_task samples stay (so no two share a slot).
             slots = jnp.where(valid & (rank >= count - self.per_task), slots, cap)
             mem = {**mem, "task_counts": mem["task_counts"].at[task].add(count)}
+        elif self.policy == "class_ring":
+            # The k-th sample of class c offered in this task (from 0) takes slot k mod per_class
+            # of the (task, class) ring; where a batch brings more, the later samples win.
+            start = mem["pair_start"][task, y]
+            n = y.shape[0]
+            order = jnp.arange(n)
+            earlier_same = (y[:, None] == y[None, :]) & (order[None, :] < order[:, None]) & valid[None, :]
+            pos = mem["pair_seen"][task, y] + jnp.sum(earlier_same, axis=1).astype(jnp.int32)
+            slots = jnp.where(valid & (start >= 0), start + pos % self.per_class, cap)
+            slots = last_writer_wins(slots, cap)
+            mem = {**mem, "pair_seen": mem["pair_seen"].at[task, y].add(valid.astype(jnp.int32))}
         else:
             start = mem["class_start"][y]
             n = y.shape[0]
@@ -228,8 +262,13 @@ class ReplayMemory:
 
 def memory_for(learner, cfg, store_logits: bool = False) -> ReplayMemory:
     """The memory an algorithm's config asks for: ``mem_policy`` and ``mem_size`` (total) or
-    ``mem_per_task`` (per task; it wins when both are set), as on the PyTorch backend."""
+    ``mem_per_task`` (per task; it wins when both are set), or ``mem_per_class`` (class_ring), as
+    on the PyTorch backend."""
     num_tasks = learner.stream.num_tasks
+    if cfg.mem_policy == "class_ring":
+        return ReplayMemory("class_ring", learner.stream.input_shape, per_class=cfg.mem_per_class,
+                            task_classes=[t.classes for t in learner.stream.tasks],
+                            num_outputs=learner.num_outputs(), store_logits=store_logits)
     capacity, per_task = memory_sizes(cfg, num_tasks)
     return ReplayMemory(cfg.mem_policy, learner.stream.input_shape, capacity=capacity, per_task=per_task,
                         num_tasks=num_tasks, num_outputs=learner.num_outputs(), store_logits=store_logits)
@@ -260,16 +299,21 @@ class MemoryPart(Part):
         self.state = self.learner.put({**self.state, "memory": mem, "task": np.int32(task.id)})
 
     def draw(self, state, k: int, purpose: int, before_task=None):
-        """(x, y, task ids, logits, valid) of a memory batch drawn with the step's key (traced)."""
+        """(x, y, task ids, logits, valid) of a memory batch drawn with the step's key (traced).
+        With ``benchmark.augment`` the inputs are augmented afresh (a key of their own)."""
         mem = state["memory"]
         slots, valid = self.memory.sample(mem, jax.random.fold_in(state["key"], purpose), k, before_task)
         x, y, t, z = self.memory.get(mem, slots, valid, state["mask_table"])
+        augment = self.learner._augment
+        if augment is not None:
+            x = random_crop_flip(jax.random.fold_in(state["key"], AUGMENT + purpose), x, *augment)
         return x, y, t, z, valid
 
-    def forward(self, params, state, x):
-        """Training-mode logits of memory samples (dropout drawn from the step's key)."""
+    def forward(self, params, state, x, purpose: int = DROPOUT):
+        """Training-mode logits of memory samples (dropout drawn from the step's key; a forward
+        pass of its own gets its own ``purpose``)."""
         learner = self.learner
-        rngs = {"dropout": jax.random.fold_in(state["key"], DROPOUT)} if learner.dropout else None
+        rngs = {"dropout": jax.random.fold_in(state["key"], purpose)} if learner.dropout else None
         return learner.model.apply({"params": params}, x, train=True, rngs=rngs)
 
     def masked_ce(self, state, logits, y, t, valid):

@@ -12,8 +12,10 @@ The update rules are PyTorch's:
 * Adam: g <- g + weight_decay * theta (L2, not AdamW); bias-corrected moments, eps = 1e-8
   outside the square root; theta <- theta - lr * m_hat / (sqrt(v_hat) + eps).
 
-Gradient clipping (``optimizer.grad_clip_norm``) comes first, on the full gradient (task loss
-plus any analytic regulariser term), as ``clip_grad_norm_`` does before ``optimizer.step()``.
+Gradient clipping comes first, on the full gradient (task loss plus any analytic regulariser
+term), as on the PyTorch backend before ``optimizer.step()``: the global norm
+(``optimizer.grad_clip_norm``, ``clip_grad_norm_``), then each element to +-``grad_clip_value``
+(``clip_grad_value_``).
 """
 
 from __future__ import annotations
@@ -29,22 +31,27 @@ from cl_runner.registry import OPTIMIZERS
 LR_DTYPE = jnp.float32
 
 
-def _clip(max_norm) -> optax.GradientTransformation:
-    return optax.clip_by_global_norm(float(max_norm)) if max_norm else optax.identity()
-
-
-def _sgd(learning_rate, momentum: float, nesterov: bool, weight_decay: float, grad_clip_norm):
+def _clip(max_norm, max_value=None) -> optax.GradientTransformation:
     return optax.chain(
-        _clip(grad_clip_norm),
+        optax.clip_by_global_norm(float(max_norm)) if max_norm else optax.identity(),
+        optax.clip(float(max_value)) if max_value else optax.identity(),
+    )
+
+
+def _sgd(learning_rate, momentum: float, nesterov: bool, weight_decay: float, grad_clip_norm,
+         grad_clip_value=None):
+    return optax.chain(
+        _clip(grad_clip_norm, grad_clip_value),
         optax.add_decayed_weights(weight_decay) if weight_decay else optax.identity(),
         optax.trace(decay=momentum, nesterov=nesterov) if momentum else optax.identity(),
         optax.scale_by_learning_rate(learning_rate),
     )
 
 
-def _adam(learning_rate, b1: float, b2: float, weight_decay: float, grad_clip_norm):
+def _adam(learning_rate, b1: float, b2: float, weight_decay: float, grad_clip_norm,
+          grad_clip_value=None):
     return optax.chain(
-        _clip(grad_clip_norm),
+        _clip(grad_clip_norm, grad_clip_value),
         optax.add_decayed_weights(weight_decay) if weight_decay else optax.identity(),
         optax.scale_by_adam(b1=b1, b2=b2, eps=1e-8),
         optax.scale_by_learning_rate(learning_rate),
@@ -56,19 +63,21 @@ def sgd(cfg) -> optax.GradientTransformation:
     if cfg.nesterov and not cfg.momentum:
         raise ConfigError("optimizer.nesterov=true needs optimizer.momentum > 0.")
     factory = optax.inject_hyperparams(
-        _sgd, static_args=("momentum", "nesterov", "weight_decay", "grad_clip_norm"),
+        _sgd, static_args=("momentum", "nesterov", "weight_decay", "grad_clip_norm", "grad_clip_value"),
         hyperparam_dtype=LR_DTYPE)
     return factory(learning_rate=float(cfg.lr), momentum=float(cfg.momentum), nesterov=bool(cfg.nesterov),
-                   weight_decay=float(cfg.weight_decay), grad_clip_norm=cfg.grad_clip_norm)
+                   weight_decay=float(cfg.weight_decay), grad_clip_norm=cfg.grad_clip_norm,
+                   grad_clip_value=cfg.grad_clip_value)
 
 
 @OPTIMIZERS.register("adam", backend="jax")
 def adam(cfg) -> optax.GradientTransformation:
     b1, b2 = (float(b) for b in cfg.betas)
     factory = optax.inject_hyperparams(
-        _adam, static_args=("b1", "b2", "weight_decay", "grad_clip_norm"), hyperparam_dtype=LR_DTYPE)
+        _adam, static_args=("b1", "b2", "weight_decay", "grad_clip_norm", "grad_clip_value"),
+        hyperparam_dtype=LR_DTYPE)
     return factory(learning_rate=float(cfg.lr), b1=b1, b2=b2, weight_decay=float(cfg.weight_decay),
-                   grad_clip_norm=cfg.grad_clip_norm)
+                   grad_clip_norm=cfg.grad_clip_norm, grad_clip_value=cfg.grad_clip_value)
 
 
 def build_optimizer(cfg) -> optax.GradientTransformation:

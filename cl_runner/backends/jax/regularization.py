@@ -23,6 +23,8 @@ import numpy as np
 from cl_runner.backends.jax.learner import Part, _restore, to_numpy
 
 tmap = jax.tree_util.tree_map
+#: The state entries of the penalty's sums.
+PENALTY_KEYS = ("omega", "omega_anchor", "omega_anchor_sq")
 
 
 class ImportanceRegularizer(Part):
@@ -56,8 +58,11 @@ class ImportanceRegularizer(Part):
         self.consolidate(self.importance(task))
 
     def consolidate(self, omega) -> None:
-        """Add (accumulate) or set the snapshot (omega, current parameters)."""
-        self.state = _consolidate(self.state, omega, self.learner.params, self.accumulate_snapshots)
+        """Add (accumulate) or set the snapshot (omega, current parameters); any other entries of
+        the state (a method's own) are kept."""
+        penalty = {k: self.state[k] for k in PENALTY_KEYS}
+        new = _consolidate(penalty, omega, self.learner.params, self.accumulate_snapshots)
+        self.state = self.learner.put({**self.state, **new})
         self.num_snapshots += 1
 
     def penalty_grad(self, params, state):

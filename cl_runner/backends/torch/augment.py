@@ -51,17 +51,18 @@ def random_crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator |
 
 class BatchAugment:
     """The benchmark's augmentation for one learner: its own generator on the device (seeded),
-    padding with the normalised value of a black pixel."""
+    padding with the normalised value of a black pixel; ``flip`` False: the crop only."""
 
-    def __init__(self, padding: int, fill: torch.Tensor, device: torch.device, seed: int):
+    def __init__(self, padding: int, fill: torch.Tensor, device: torch.device, seed: int, flip: bool = True):
         if int(padding) < 0:
             raise ConfigError(f"config key 'benchmark.crop_padding' must be 0 or more, got {padding}.")
         self.padding = int(padding)
         self.fill = fill.to(device)
+        self.flip = bool(flip)
         self.generator = torch.Generator(device=device).manual_seed(int(seed) * 7919 + 17)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return random_crop_flip(x, self.padding, self.generator, self.fill)
+        return random_crop_flip(x, self.padding, self.generator, self.fill, flip=self.flip)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
@@ -76,4 +77,5 @@ def build_augment(bcfg, mean, std, device, seed: int) -> BatchAugment | None:
     if not getattr(bcfg, "augment", False):
         return None
     fill = -torch.as_tensor(mean, dtype=torch.float32).flatten() / torch.as_tensor(std, dtype=torch.float32).flatten()
-    return BatchAugment(getattr(bcfg, "crop_padding", 4), fill, device, seed)
+    return BatchAugment(getattr(bcfg, "crop_padding", 4), fill, device, seed,
+                        flip=bool(getattr(bcfg, "augment_flip", True)))

@@ -32,15 +32,27 @@ ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
 @BACKBONES.register("mlp", backend="torch")
 def mlp(cfg, input_shape, num_outputs: int) -> Backbone:
+    """Linear + activation (``activation``: ReLU or tanh) (+ dropout) layers, then the head.
+    ``batch_norm``: every linear layer without a bias and followed by ``BatchNorm1d``, the output
+    layer too (a ``Sequential`` head):
+    GDumb's MNIST MLP (drimpossible/GDumb src/models/mnist/mlp.py and src/models/layers.py
+    FCBlock / FinalBlock)."""
+    bn = bool(getattr(cfg, "batch_norm", False))
     layers: list[nn.Module] = [nn.Flatten()]
     width_in = int(math.prod(input_shape))
     activation = ACTIVATIONS[getattr(cfg, "activation", "relu")]
     for _ in range(cfg.n_hidden_layers):
-        layers += [nn.Linear(width_in, cfg.width), activation()]
+        if bn:
+            layers += [nn.Linear(width_in, cfg.width, bias=False), nn.BatchNorm1d(cfg.width), activation()]
+        else:
+            layers += [nn.Linear(width_in, cfg.width), activation()]
         if cfg.dropout > 0:
             layers.append(nn.Dropout(cfg.dropout))
         width_in = cfg.width
-    return Backbone(nn.Sequential(*layers), width_in, num_outputs)
+    model = Backbone(nn.Sequential(*layers), width_in, num_outputs)
+    if bn:
+        model.head = nn.Sequential(nn.Linear(width_in, num_outputs, bias=False), nn.BatchNorm1d(num_outputs))
+    return model
 
 
 @BACKBONES.register("cnn", backend="torch")

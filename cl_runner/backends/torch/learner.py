@@ -25,7 +25,7 @@ from cl_runner.backends.torch.backbones import build_backbone
 from cl_runner.backends.torch.fused import FusedMLPStep, sgd_step, sgd_step_possible
 from cl_runner.backends.torch.graphs import StepGraph, graph_refusal
 from cl_runner.backends.torch.heads import add_missing_params, grow_head, release_unused_head_grads
-from cl_runner.backends.torch.native import NativeSGD
+from cl_runner.backends.torch import update as update_paths
 from cl_runner.backends.torch.optim import build_optimizer, set_lr, task_lr
 from cl_runner.core.learner import Learner
 from cl_runner.core.schedule import epoch_lr, has_schedule
@@ -82,6 +82,7 @@ class TorchLearner(Learner):
         self.batch_size = int(cfg.benchmark.batch_size)
         self.eval_batch_size = int(cfg.benchmark.eval_batch_size)
         self.grad_clip = cfg.optimizer.grad_clip_norm
+        self.grad_clip_value = cfg.optimizer.grad_clip_value
         self.check_finite = bool(cfg.training.check_finite)
         self.progress_every = int(cfg.training.progress_every)
         self._scale = 1.0 / 255.0
@@ -99,6 +100,8 @@ class TorchLearner(Learner):
         self.output_mask = mask.to(device)
         self._test_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.train_x = self.train_y = self.train_t = None
+        # During a step of train_epoch: the stream batch before augmentation (see stream_inputs).
+        self._unaugmented: torch.Tensor | None = None
         if list(cfg.algo.plugins) and self.refuses_plugins:
             raise ConfigError(f"algo={cfg.algo.name} does not compose algo.plugins="
                               f"{list(cfg.algo.plugins)}: {self.refuses_plugins}; set algo.plugins=[].")
@@ -117,8 +120,10 @@ class TorchLearner(Learner):
         self._grad_parts = [p for p in self.parts if _overrides(p, "after_backward")]
         self._step_parts = [p for p in self.parts if _overrides(p, "after_step")]
         self.fused_step = bool(getattr(cfg.backend, "fused_step", False))
-        self.native_update = bool(getattr(cfg.backend, "native_update", False))
-        self._native: NativeSGD | None = None
+        # the update path after backward (update.py): requested, chosen per task, and its record
+        self.update_request = update_paths.requested_path(cfg.backend)
+        self.update_record: update_paths.UpdateRecord | None = None
+        self._native = None
         self._fused: FusedMLPStep | None = None
         self._fused_plain = False
         self._fused_pending: list | None = None  # during a step: the fused passes to back-propagate
@@ -189,9 +194,17 @@ class TorchLearner(Learner):
         self._fused = fused
         plain_sgd = sgd_step_possible(self.optimizer)
         self._fast_sgd = self.optimizer if self.fused_step and plain_sgd else None
-        self._native = None
-        if self.native_update and plain_sgd:
-            self._native = NativeSGD.for_learner(self.optimizer, self._grad_parts, self.grad_clip)
+        self._native, record = update_paths.for_learner(
+            self.update_request, self.optimizer, self._grad_parts, self.grad_clip or self.grad_clip_value,
+            plain_sgd, self._fast_sgd is self.optimizer)
+        if self.update_record is not None:  # the steps so far stay counted
+            record.steps = self.update_record.steps
+        self.update_record = record
+
+    def kernel_record(self) -> dict:
+        """Which update path ran (and why, and how many steps each path took): results.json's
+        ``kernels.update``."""
+        return self.update_record.as_dict() if self.update_record is not None else {}
 
     def on_after_training(self, task) -> None:
         for p in self.parts:
@@ -209,6 +222,21 @@ class TorchLearner(Learner):
 
     def criterion(self, logits: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
         return F.cross_entropy(self.masked(logits, t), y)
+
+    def stream_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """The step's stream batch as a replay memory stores it: before ``benchmark.augment``.
+        ``x`` is the batch the step trains on; while ``train_epoch`` runs a step on an augmented
+        batch this is the same batch un-augmented, otherwise ``x`` itself. The references keep
+        the raw image and augment it afresh each time they replay it (Mammoth utils/buffer.py
+        stores ``not_aug_inputs``; models/er.py:29-48 and models/der.py:30-47 pass
+        ``transform`` to ``Buffer.get_data``, utils/buffer.py:89-109)."""
+        raw = self._unaugmented
+        return x if raw is None else raw
+
+    def replay_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Memory samples about to be trained on: augmented afresh as every stream batch is
+        (``benchmark.augment``; a new crop and flip at each replay), else unchanged."""
+        return x if self.augment is None else self.augment(x)
 
     def train_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The model's logits for ``x`` in a loss term of the training step (the step's batch, or a
@@ -245,19 +273,34 @@ class TorchLearner(Learner):
                 self._fused_pending = None
         if t is not None:
             release_unused_head_grads(self.model, self.output_mask, t)
-        native = self._native  # the penalty's gradient and the SGD step in one pass (native.py)
-        if native is None or native.optimizer is not self.optimizer or not native():
+        native = self._native  # the penalty's gradient and the SGD step in fewer passes (update.py)
+        steps = self.update_record.steps if self.update_record is not None else None
+        if native is not None and native.optimizer is self.optimizer and native():
+            if steps is not None:
+                steps[native.name] += 1
+        else:
             for p in self._grad_parts:
                 p.after_backward()
-            if self.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            self.clip_gradients()
             if self._fast_sgd is self.optimizer:
                 sgd_step(self.optimizer)
+                fallback = update_paths.FOREACH
             else:
                 self.optimizer.step()
+                fallback = update_paths.OPTIM
+            if steps is not None:
+                steps[fallback] += 1
         for p in self._step_parts:
             p.after_step()
         return loss.detach()
+
+    def clip_gradients(self) -> None:
+        """``optimizer.grad_clip_norm`` (the global norm), then ``optimizer.grad_clip_value``
+        (each element), on the full gradient."""
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        if self.grad_clip_value:
+            torch.nn.utils.clip_grad_value_(self.model.parameters(), self.grad_clip_value)
 
     def train_epoch(self, task, epoch: int) -> dict:
         self.model.train()
@@ -295,8 +338,12 @@ class TorchLearner(Learner):
                         cb.on_before_step(loop, base_step + b)
                 xb = xs.index_select(0, perm[lo:hi])
                 if self.augment is not None:
+                    self._unaugmented = xb
                     xb = self.augment(xb)
-                loss = self.train_step(xb, ys[lo:hi], ts[lo:hi] if ts is not None else None)
+                try:
+                    loss = self.train_step(xb, ys[lo:hi], ts[lo:hi] if ts is not None else None)
+                finally:
+                    self._unaugmented = None
                 losses[b] = loss
                 if step_cbs:
                     for cb in step_cbs:

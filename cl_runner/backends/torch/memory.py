@@ -11,6 +11,10 @@ One class, three ways of choosing what to keep (``policy``):
   its class's samples. When a new class arrives the regions shrink, each keeping a uniformly
   random subset of what it held, so every region stays a uniform sample of its class.
 * ``ring``: a FIFO ring per task: ``per_task`` slots per task, holding the task's latest samples.
+* ``class_ring``: a FIFO ring per class of each task: ``per_class`` slots for every (task, class)
+  pair of the stream, holding the latest samples of that class in that task (A-GEM's episodic
+  memory, laid out by ``memories.class_ring_layout``). A sample's slot depends on its label, so
+  it is decided on the device, as for ``class_balanced``.
 
 A batch is inserted at once, never one sample at a time in Python: the sequential
 algorithm's outcome for the whole batch is computed with array operations, and where two
@@ -32,10 +36,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from cl_runner.algorithms.memories import memory_sizes
+from cl_runner.algorithms.memories import class_ring_layout, memory_sizes
 from cl_runner.errors import ConfigError
 
-POLICIES = ("reservoir", "class_balanced", "ring")
+POLICIES = ("reservoir", "class_balanced", "ring", "class_ring")
 
 
 def derived_seed(seed: int, purpose: int) -> int:
@@ -82,22 +86,36 @@ class ReplayMemory:
     """A fixed-size memory of samples kept on ``device``.
 
     ``capacity`` is the total number of slots (reservoir, class_balanced); ``per_task`` the
-    slots of each task (ring, which then holds ``per_task * num_tasks``).
+    slots of each task (ring, which then holds ``per_task * num_tasks``); ``per_class`` the slots
+    of each class of each task (class_ring, with ``task_classes`` the classes of every task).
     """
 
     def __init__(self, policy: str, input_shape, device: torch.device, seed: int, *,
                  capacity: int | None = None, per_task: int | None = None, num_tasks: int = 1,
-                 num_outputs: int | None = None, store_logits: bool = False):
+                 num_outputs: int | None = None, store_logits: bool = False,
+                 per_class: int | None = None, task_classes=None):
         if policy not in POLICIES:
             raise ConfigError(f"memory policy '{policy}' is not one of {', '.join(POLICIES)}.")
         self.policy = policy
         self.device = torch.device(device)
         self.num_tasks = int(num_tasks)
+        self.per_class = None
+        n_cls = int(num_outputs) if num_outputs else 0
         if policy == "ring":
             if not per_task or per_task <= 0:
                 raise ConfigError("a ring memory needs a positive number of slots per task.")
             self.per_task = int(per_task)
             self.capacity = self.per_task * self.num_tasks
+        elif policy == "class_ring":
+            if task_classes is None or not per_class:
+                raise ConfigError("a class_ring memory needs the slots per class and every task's classes.")
+            self.per_task = None
+            self.per_class = int(per_class)
+            self.num_tasks = len(task_classes)
+            self.capacity, start = class_ring_layout(task_classes, self.per_class, n_cls)
+            # pair_start[t, c]: first slot of class c in task t (-1: none); pair_seen: samples offered.
+            self.pair_start = torch.from_numpy(start).to(self.device)
+            self.pair_seen = torch.zeros_like(self.pair_start)
         else:
             if not capacity or capacity <= 0:
                 raise ConfigError(f"a {policy} memory needs a positive size.")
@@ -118,7 +136,6 @@ class ReplayMemory:
         # class_balanced: the registered classes in order, each owning slots [k*quota, (k+1)*quota).
         self.classes: list[int] = []
         self.quota = 0
-        n_cls = int(num_outputs) if num_outputs else 0
         self.class_start = torch.full((max(n_cls, 1),), -1, dtype=torch.long, device=self.device)
         self.class_seen = torch.zeros(max(n_cls, 1), dtype=torch.long, device=self.device)
         self._ranges_cache: dict[Any, torch.Tensor] = {}
@@ -188,6 +205,12 @@ class ReplayMemory:
             self.seen += n
             self._write(self._class_balanced_slots(y), x, y, task_id, logits)
             return
+        if self.policy == "class_ring":
+            if not isinstance(task_id, int):
+                raise ValueError("a class_ring memory is filled one task at a time: give task_id as an int")
+            self.seen += n
+            self._write(self._class_ring_slots(y, task_id), x, y, task_id, logits)
+            return
         # Reservoir and ring slots depend only on counts the host knows: decided on the host
         # with numpy, and only the kept samples are written (often none, once a reservoir is full).
         if self.policy == "reservoir":
@@ -235,13 +258,27 @@ class ReplayMemory:
         self.class_seen.index_add_(0, y, torch.ones_like(y))
         return last_writer_wins(slots, self.capacity)
 
+    def _class_ring_slots(self, y: torch.Tensor, task_id: int) -> torch.Tensor:
+        """Slot of each sample of a batch of task ``task_id``: the k-th sample of class c offered
+        in this task (from 0, counting those earlier in the batch) takes slot start + k mod
+        per_class of the (task, class) ring; a class the task does not have is not kept. Where a
+        batch brings more than per_class samples of a class, the later ones win."""
+        n = y.numel()
+        start = self.pair_start[task_id][y]
+        order = torch.arange(n, device=self.device)
+        earlier_same = (y[:, None] == y[None, :]) & (order[None, :] < order[:, None])
+        pos = self.pair_seen[task_id][y] + earlier_same.sum(1)
+        slots = torch.where(start >= 0, start + pos % self.per_class, torch.full_like(pos, self.capacity))
+        self.pair_seen[task_id].index_add_(0, y, torch.ones_like(y))
+        return last_writer_wins(slots, self.capacity)
+
     def _write(self, slots, x, y, task_id, logits) -> None:
         self.x[slots] = x.detach().to(self.x.dtype)
         self.y[slots] = y
         self.t[slots] = task_id
         if self.logits is not None:
             self.logits[slots] = logits.detach().to(self.logits.dtype)
-        if self.policy == "class_balanced":
+        if self.policy in ("class_balanced", "class_ring"):
             self.filled[slots] = True
 
     # -- reading ---------------------------------------------------------------------------------
@@ -304,6 +341,7 @@ class ReplayMemory:
             "seen": self.seen, "task_counts": list(self.task_counts),
             "classes": list(self.classes), "quota": self.quota,
             "class_start": self.class_start.clone(), "class_seen": self.class_seen.clone(),
+            **({"pair_seen": self.pair_seen.clone()} if self.policy == "class_ring" else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -324,13 +362,19 @@ class ReplayMemory:
         self.quota = state["quota"]
         self.class_start = state["class_start"].to(dev)
         self.class_seen = state["class_seen"].to(dev)
+        if self.policy == "class_ring":
+            self.pair_seen = state["pair_seen"].to(dev)
         self._ranges_cache.clear()
 
 
 def memory_for(learner, cfg, store_logits: bool = False) -> ReplayMemory:
     """The memory an algorithm's config asks for: ``mem_policy`` and ``mem_size`` (total) or
-    ``mem_per_task`` (per task; it wins when both are set)."""
+    ``mem_per_task`` (per task; it wins when both are set), or ``mem_per_class`` (class_ring)."""
     num_tasks = learner.stream.num_tasks
+    if cfg.mem_policy == "class_ring":
+        return ReplayMemory("class_ring", learner.stream.input_shape, learner.device, learner.seed,
+                            per_class=cfg.mem_per_class, task_classes=[t.classes for t in learner.stream.tasks],
+                            num_outputs=learner.num_outputs(), store_logits=store_logits)
     capacity, per_task = memory_sizes(cfg, num_tasks)
     return ReplayMemory(cfg.mem_policy, learner.stream.input_shape, learner.device, learner.seed,
                         capacity=capacity, per_task=per_task, num_tasks=num_tasks,

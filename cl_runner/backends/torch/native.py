@@ -10,9 +10,12 @@ five are bound by memory traffic. :class:`NativeSGD` does them in one pass, with
 The C code performs the same float32 operations as PyTorch's CPU kernels, fused multiply-adds
 where ATen's vectorised kernels use them, so with PyTorch's AVX2 or AVX-512 kernels (x86) the
 step is bit for bit the one ``after_backward`` + ``optimizer.step()`` would take, and elsewhere
-equal up to rounding (tests/test_native_sgd.py checks both). ``backend.native_update=false`` turns it off; without a C
-compiler, on another CPU, on a GPU, or with a case it does not cover (gradient clipping, other
-optimizers, other gradient terms), the learner uses PyTorch's kernels.
+equal up to rounding (tests/test_native_sgd.py checks both). This is the ``c`` path of
+``backend.update_path`` (update.py, which also has the library paths and records which ran); the
+library is keyed by the source, the compiler and the CPU's features (cbuild.py), so a shared
+cache serves machines of several kinds. Without a C compiler, on another CPU, on a GPU, or with
+a case it does not cover (gradient clipping, other optimizers, other gradient terms), the
+learner takes another path and results.json says which and why.
 """
 
 from __future__ import annotations
@@ -37,18 +40,26 @@ _library: ctypes.CDLL | None = None
 _unavailable: str | None = None  # why the library could not be had (once known)
 
 
+FLAGS = ("-ffp-contract=off",)
+
+
 def compiler() -> list[str] | None:
     """The C compiler command (see :func:`cl_runner.utils.cbuild.compiler`)."""
     return cbuild.compiler()
 
 
+def compiler_description() -> str:
+    """The compiler that builds the library, as results.json records it."""
+    return cbuild.describe(compiler())
+
+
 def library_path(cache_dir: Path | None = None) -> Path:
-    return cbuild.library_path(SOURCE, "sgd", cache_dir)
+    return cbuild.library_path(SOURCE, "sgd", cache_dir, compiler(), FLAGS)
 
 
 def build(path: Path) -> None:
     """Compile native_sgd.c into ``path`` (written under a temporary name, then renamed)."""
-    cbuild.compile_library(SOURCE, path, compiler(), ("-ffp-contract=off",))
+    cbuild.compile_library(SOURCE, path, compiler(), FLAGS)
 
 
 def library() -> ctypes.CDLL | None:
@@ -74,7 +85,7 @@ def library() -> ctypes.CDLL | None:
             _library = lib
         except Exception as err:  # any failure leaves PyTorch's kernels in charge
             _unavailable = str(err)
-            log.info("clrun: the native SGD update is unavailable (%s); PyTorch's kernels are used", err)
+            log.info("clrun: the native SGD update is unavailable (%s)", err)
     return _library
 
 
@@ -93,8 +104,9 @@ class NativeSGD:
     tensors. :meth:`__call__` returns False (and does nothing) for a step it cannot take: a
     parameter without a gradient, or momentum buffers not yet created (the first step)."""
 
-    def __init__(self, lib: ctypes.CDLL, optimizer: torch.optim.SGD, penalty=None):
-        self.lib = lib
+    def __init__(self, lib, optimizer: torch.optim.SGD, penalty=None, name: str = "c"):
+        self.lib = lib  # the C library, or anything with its clrun_sgd_update (update.py: numba)
+        self.name = name
         self.optimizer = optimizer
         self.group = optimizer.param_groups[0]
         self.params = list(self.group["params"])
@@ -110,25 +122,12 @@ class NativeSGD:
 
     @classmethod
     def for_learner(cls, optimizer: torch.optim.Optimizer, grad_parts: list, grad_clip) -> "NativeSGD | None":
-        from cl_runner.backends.torch.regularization import ImportanceRegularizer
+        """The C update for these parameters and gradient parts, or None where it does not apply
+        (update.py's :func:`~cl_runner.backends.torch.update.coverage`) or no library can be had."""
+        from cl_runner.backends.torch.update import coverage
 
-        if grad_clip or len(optimizer.param_groups) != 1:
-            return None
-        params = optimizer.param_groups[0]["params"]
-        if not params or not all(p.device.type == "cpu" and p.dtype == torch.float32 and p.is_contiguous()
-                                 and p.requires_grad for p in params):
-            return None
-        penalty = None
-        if grad_parts:
-            if len(grad_parts) > 1:
-                return None
-            part = grad_parts[0]
-            # exactly the shared penalty gradient (no subclass or instance replaces after_backward)
-            if not ImportanceRegularizer.adds_only_the_penalty(part) or \
-                    [id(p) for p in part.params] != [id(p) for p in params]:
-                return None
-            penalty = part
-        lib = library()
+        penalty, refusal = coverage(optimizer, grad_parts, grad_clip)
+        lib = library() if refusal is None else None
         return None if lib is None else cls(lib, optimizer, penalty)
 
     @torch.no_grad()

@@ -13,7 +13,10 @@ products run over all parameters at once. The reference gradient and the project
 computed inside the compiled step (``adjust_grads``) from the memory in the part's state; the
 draw is restricted to tasks before the current one (its id is in the state too). With an empty
 memory g_ref = 0 and the update is g (fine-tuning); the reference pass is then skipped. In
-task-IL the reference loss uses each memory sample's task units.
+task-IL the reference loss uses each memory sample's task units. With ``benchmark.augment``
+the memory keeps the stream's inputs before augmentation and the reference batch is augmented
+afresh when drawn. ``mem_policy: class_ring`` is the reference code's episodic memory (each
+class of each task keeps its last ``mem_per_class`` samples; memory.py).
 """
 
 from __future__ import annotations

@@ -8,8 +8,11 @@ seen (the step's forward pass, before its update). Every step adds, to the strea
 
 between the current logits h(x') and the stored logits z', averaged over the output units as
 well as the samples (a mean squared error, as on the PyTorch backend). DER++ (derpp.py) adds
-beta * cross-entropy on a second, independently drawn memory batch; both memory batches go
-through one forward pass. The memory, its counters and its PRNG key are the part's state
+beta * cross-entropy on a second, independently drawn memory batch. As Mammoth's
+(models/der.py:30-47, models/derpp.py:34-58), the stream batch and each memory batch go through
+a forward pass of their own (each with its own dropout draw). With ``benchmark.augment`` the
+memory keeps the stream's inputs before augmentation and each memory batch is augmented afresh
+when drawn (memory.py). The memory, its counters and its PRNG key are the part's state
 (memory.py): drawing, the loss and the insertion all run inside the compiled epoch.
 """
 
@@ -18,7 +21,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from cl_runner.backends.jax.learner import JaxLearner
-from cl_runner.backends.jax.memory import SAMPLE, SAMPLE_2, MemoryPart
+from cl_runner.backends.jax.memory import DROPOUT_2, SAMPLE, SAMPLE_2, MemoryPart
 from cl_runner.registry import ALGORITHMS
 
 
@@ -35,17 +38,14 @@ class DERPart(MemoryPart):
     def extra_loss(self, params, state, x, y, logits, weights):
         k = self.replay_batch_size
         mx, _, _, mz, valid = self.draw(state, k, SAMPLE)
-        if self.beta:
-            mx2, my2, mt2, _, valid2 = self.draw(state, k, SAMPLE_2)
-            out = self.forward(params, state, jnp.concatenate([mx, mx2]))  # one forward pass
-            k = mx.shape[0]
-            out, out2 = out[:k], out[k:]
-        else:
-            out = self.forward(params, state, mx)
+        out = self.forward(params, state, mx)
         w = valid.astype(out.dtype)
         sq = jnp.sum((out - mz) ** 2, axis=1)
         loss = self.alpha * jnp.sum(sq * w) / (jnp.maximum(jnp.sum(w), 1.0) * out.shape[1])
         if self.beta:
+            # A second draw and a forward pass of its own (models/derpp.py:44-52).
+            mx2, my2, mt2, _, valid2 = self.draw(state, k, SAMPLE_2)
+            out2 = self.forward(params, state, mx2, DROPOUT_2)
             loss = loss + self.beta * self.masked_ce(state, out2, my2, mt2, valid2)
         return loss
 

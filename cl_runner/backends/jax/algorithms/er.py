@@ -6,9 +6,11 @@ size) and trains on the stream batch concatenated with it: one forward pass and 
 over both (the memory's entries beyond the samples it holds have weight 0, so the mean is over
 the stream batch and min(replay_batch_size, stored) memory samples). Then the stream batch is
 offered to the memory (reservoir sampling over the whole stream by default; ``mem_policy``
-chooses class-balanced or per-task ring memories). The memory is device arrays in the part's
-state and all of this happens inside the compiled epoch (memory.py). In task-IL each replayed
-sample's loss uses its own task's output units.
+chooses class-balanced, per-task or per-class ring memories). The memory is device arrays in
+the part's state and all of this happens inside the compiled epoch (memory.py). In task-IL each
+replayed sample's loss uses its own task's output units. With ``benchmark.augment`` the memory
+keeps the stream's inputs before augmentation and the memory batch is augmented afresh when
+drawn, as Mammoth's ER (models/er.py:29-48).
 """
 
 from __future__ import annotations

@@ -7,8 +7,11 @@ theta*_t)^2: one penalty per past task, kept as sums (see regularization.py).
 F is the mean over ``fisher_samples`` training samples (the same samples as on the PyTorch
 backend: drawn with NumPy from (seed, task id)) of the squared per-sample gradient of the
 log-likelihood, computed exactly per sample with ``jax.vmap(jax.grad(...))``, with the true
-label (``fisher: empirical``) or a label drawn from the model (``fisher: true``);
-``fisher: batch``: the squared gradient of the mean loss over those samples (GEM's EWC baseline).
+label (``fisher: empirical``), a label drawn from the model (``fisher: true``) or the model's most
+likely label (``fisher: argmax``, Hsu et al.'s EWC); ``fisher: weighted`` weights each sample's
+term by p(y | x) (Mammoth's online EWC); ``fisher: batch``: the squared gradient of the mean loss
+over those samples (GEM's EWC baseline). ``fisher: agem`` is A-GEM's EWC (``AGEMFisherPart``;
+the PyTorch backend's ewc.py cites the reference line by line).
 """
 
 from __future__ import annotations
@@ -44,10 +47,13 @@ def _fisher_mean(learner: JaxLearner, batch_size: int, kind: str, params, x, y, 
 
     def batch_sum(totals, batch):
         xb, yb, tb, wb, kb = batch
-        if kind == "true":
+        if kind in ("true", "argmax"):
             logits = learner.model.apply({"params": params}, xb, train=False)
             logits = learner.masked(logits, tb, mask_table)
-            yb = jax.random.categorical(kb, logits, axis=-1).astype(yb.dtype)
+            if kind == "argmax":  # the most likely label (within the sample's task in task-IL)
+                yb = jnp.argmax(logits, axis=-1).astype(yb.dtype)
+            else:
+                yb = jax.random.categorical(kb, logits, axis=-1).astype(yb.dtype)
         grads = per_sample(params, xb, yb, tb)
         if kind == "weighted":  # each sample's squared gradient weighted by p(y | x)
             logits = learner.model.apply({"params": params}, xb, train=False)
@@ -123,6 +129,13 @@ def batch_fisher(learner: JaxLearner, params, x, y, t):
 class EWCPart(ImportanceRegularizer):
     accumulate_snapshots = True
 
+    def __new__(cls, learner, cfg):
+        # fisher: agem is its own part (it reads every step's gradient); every other estimator
+        # only changes ``importance``.
+        if cls is EWCPart and getattr(cfg, "fisher", None) == "agem":
+            cls = AGEMFisherPart
+        return super().__new__(cls)
+
     @property
     def strength(self) -> float:
         return self.cfg.ewc_lambda / 2.0
@@ -137,6 +150,52 @@ class EWCPart(ImportanceRegularizer):
         key = learner.put(jax.random.PRNGKey(learner.seed * 1000 + task.id))
         return fisher_diagonal(learner, learner.params, learner.train_x[idx], learner.train_y[idx], t,
                                int(self.cfg.fisher_batch_size), self.cfg.fisher, key)
+
+
+class AGEMFisherPart(EWCPart):
+    """A-GEM's EWC (``fisher: agem``; the PyTorch backend's ``AGEMFisherPart`` cites the
+    reference): a window sum S of squared step gradients and a running Fisher F in the part's
+    state, updated inside the compiled step: at step i of a task (from 0), when (i + 1) is a
+    multiple of N = ``fisher_update_after``, F <- (1 - d) F + (d / N) S and S <- 0, before the
+    step's square is added to S. After the task F is min-max normalised over all parameters; the
+    penalty is ewc_lambda * sum F_hat (theta - theta*)^2 with the latest task's term only."""
+
+    accumulate_snapshots = False
+
+    def __init__(self, learner, cfg):
+        super().__init__(learner, cfg)
+
+        def zeros(p):
+            return np.zeros(p.shape, p.dtype)
+
+        self.state = learner.put({**self.state, "window": tmap(zeros, learner.params),
+                                  "running": tmap(zeros, learner.params),
+                                  "step_in_task": np.zeros((), np.int32)})
+
+    @property
+    def strength(self) -> float:
+        return float(self.cfg.ewc_lambda)
+
+    def on_before_task(self, task) -> None:
+        self.state = {**self.state, "step_in_task": self.learner.put(np.zeros((), np.int32))}
+
+    def after_step(self, old_params, new_params, grads, state):
+        period = int(self.cfg.fisher_update_after)
+        decay = float(self.cfg.fisher_ema_decay)
+        step = state["step_in_task"]
+        due = (step + 1) % period == 0
+        running = tmap(lambda f, s: jnp.where(due, (1.0 - decay) * f + (decay / period) * s, f),
+                       state["running"], state["window"])
+        window = tmap(lambda s, g: jnp.where(due, 0.0, s) + g * g, state["window"], grads)
+        return {**state, "running": running, "window": window, "step_in_task": step + 1}
+
+    def importance(self, task):
+        running = self.state["running"]
+        leaves = jax.tree_util.tree_leaves(running)
+        lo = min(float(jnp.min(f)) for f in leaves)
+        hi = max(float(jnp.max(f)) for f in leaves)
+        self.state = {**self.state, "window": tmap(jnp.zeros_like, self.state["window"])}
+        return tmap(lambda f: (f - lo) / (hi - lo + 1e-32), running)
 
 
 @ALGORITHMS.register("ewc", backend="jax")

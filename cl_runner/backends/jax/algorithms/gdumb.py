@@ -89,7 +89,8 @@ class GDumb(JaxLearner):
         self.seen = np.zeros(self.num_outputs(), bool)
         # The compiled epoch trains on the memory with GDumb's own SGD and batch size.
         self.tx = sgd(SimpleNamespace(lr=float(a.lr), momentum=float(a.momentum), nesterov=False,
-                                      weight_decay=float(a.weight_decay), grad_clip_norm=a.clip_grad_norm))
+                                      weight_decay=float(a.weight_decay), grad_clip_norm=a.clip_grad_norm,
+                                      grad_clip_value=None))
         self.batch_size = int(a.batch_size)
         self._opt_init = jax.jit(self.tx.init)
         self.opt_state = self.put(set_lr(self._opt_init(self.params), float(a.lr)))

@@ -14,7 +14,9 @@ and alpha are each clipped to global norm ``grad_clip_norm``, then alpha <- alph
 grad_alpha (``learn_lr``) and theta <- theta - relu(alpha) grad_theta (``sync_update: false``) or
 the configured optimizer's step on grad_theta (``sync_update: true``). The incoming batch enters
 the memory after its first glance (whose meta-batch was drawn before), during each task's first
-epoch only. In task-IL each loss uses its samples' task units.
+epoch only; with ``benchmark.augment`` it is stored as it was before augmentation and every
+replayed sample is augmented afresh (a key of its own per glance). In task-IL each loss uses
+its samples' task units.
 
 Compilation: an epoch is one compiled program (the learner's ``lax.scan`` over batches); inside
 a step come the first glance, the memory insertion, then the other glances as a ``lax.scan``,
@@ -44,7 +46,7 @@ import optax
 
 from cl_runner.backends.jax.augment import random_crop_flip
 from cl_runner.backends.jax.learner import JaxLearner, Part, cross_entropy
-from cl_runner.backends.jax.memory import INSERT, SAMPLE, ReplayMemory, check_no_batch_norm, derived_seed
+from cl_runner.backends.jax.memory import AUGMENT, INSERT, SAMPLE, ReplayMemory, check_no_batch_norm, derived_seed
 from cl_runner.errors import ConfigError
 from cl_runner.registry import ALGORITHMS
 
@@ -214,6 +216,7 @@ class LaMAML(JaxLearner):
         part = self.part
         st = part_states[0]
         xb, yb = x[batch], y[batch]
+        x_raw = xb  # what the memory stores: the batch before benchmark.augment
         if self._augment is not None:
             key, augment_key = jax.random.split(key)
             xb = random_crop_flip(augment_key, xb, *self._augment)
@@ -233,6 +236,8 @@ class LaMAML(JaxLearner):
             tg = tb[order] if tb is not None else None
             slots, valid = part.memory.sample(mem, jax.random.fold_in(k_mem, SAMPLE), part.replay_batch_size)
             sx, sy, st_, _ = part.memory.get(mem, slots, valid, st["mask_table"])
+            if self._augment is not None:  # a fresh crop and flip of each replayed sample
+                sx = random_crop_flip(jax.random.fold_in(k_mem, AUGMENT + SAMPLE), sx, *self._augment)
             mx = jnp.concatenate([xg, sx.astype(xg.dtype)])
             my = jnp.concatenate([yg, sy.astype(yg.dtype)])
             mt = jnp.concatenate([tg, st_.astype(tg.dtype)]) if tg is not None else None
@@ -246,7 +251,7 @@ class LaMAML(JaxLearner):
         mem_key, insert_key = jax.random.split(st["key"])
 
         def insert(m):
-            return part.memory.insert(m, jax.random.fold_in(insert_key, INSERT), xb, yb, st["task"], w > 0)
+            return part.memory.insert(m, jax.random.fold_in(insert_key, INSERT), x_raw, yb, st["task"], w > 0)
 
         # The batch enters the memory after the first glance drew its meta-batch, so the later
         # glances may replay it (the reference pushes it during its first glance).

@@ -12,6 +12,9 @@ sample's task head (its task's output units). Importances are accumulated over t
 (Omega <- Omega + Omega^t), and later tasks add mas_lambda * sum_i Omega_i (theta_i - theta*_i)^2
 with theta* the parameters at the end of the last task (no factor 1/2). The samples are those
 the PyTorch backend uses (drawn with NumPy from (seed, task id) when ``mas_samples`` is set).
+``mas_importance: batch_mean`` is Hsu et al.'s batch-mean estimator (the PyTorch backend's mas.py
+cites it): the mean over mini-batches of |d mean_{batch, units} f^2 / d theta|, in the same
+random order of the samples as there.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cl_runner.algorithms.regularization import mas_sample_indices
 from cl_runner.backends.jax.algorithms.ewc import CPU_CHUNK
 from cl_runner.backends.jax.learner import JaxLearner, per_sample_compiler_options
 from cl_runner.backends.jax.memory import check_no_batch_norm
@@ -70,12 +74,54 @@ def _mas_mean(learner: JaxLearner, batch_size: int, params, x, t, mask_table):
     return tmap(lambda s: s / n, totals)
 
 
-def mas_importance(learner: JaxLearner, params, x, t, batch_size: int):
+def _mas_batch_mean(learner: JaxLearner, batch_size: int, params, x, t, mask_table):
+    """Mean over consecutive batches of |d mean_{batch, units} f^2 / d theta| (traced); the last
+    batch is padded with weight-0 copies of sample 0 and averages over its real samples."""
+    learner.trace_counts["mas"] += 1
+
+    def batch_loss(p, xb, tb, wb):
+        logits = learner.model.apply({"params": p}, xb, train=False)
+        if tb is None:
+            per_sample = jnp.mean(logits * logits, axis=1)
+        else:
+            mask = mask_table[tb]
+            per_sample = jnp.sum(jnp.where(mask, logits * logits, 0.0), axis=1) / jnp.sum(mask, axis=1)
+        return jnp.sum(per_sample * wb) / jnp.sum(wb)
+
+    def batch_sum(totals, batch):
+        xb, tb, wb = batch
+        grads = jax.grad(batch_loss)(params, xb, tb, wb)
+        return tmap(lambda s, g: s + jnp.abs(g), totals, grads), None
+
+    n = x.shape[0]
+    num_batches = -(-n // batch_size)
+    pad = num_batches * batch_size - n
+    index = jnp.concatenate([jnp.arange(n, dtype=jnp.int32), jnp.zeros(pad, jnp.int32)])
+    weights = jnp.concatenate([jnp.ones(n, jnp.float32), jnp.zeros(pad, jnp.float32)])
+
+    def batched(a):
+        if a is None:
+            return None
+        a = a[index] if pad else a
+        return a.reshape((num_batches, batch_size) + a.shape[1:])
+
+    totals, _ = jax.lax.scan(batch_sum, tmap(jnp.zeros_like, params),
+                             (batched(x), batched(t), weights.reshape(num_batches, batch_size)))
+    return tmap(lambda s: s / num_batches, totals)
+
+
+def mas_importance(learner: JaxLearner, params, x, t, batch_size: int, kind: str = "per_sample"):
     """Mean over the samples ``x`` of |d ||f(x)||^2 / d theta| per parameter (f: the logits,
-    restricted to each sample's task units when ``t`` is given). One compiled program per
-    learner, batch size and input shape."""
+    restricted to each sample's task units when ``t`` is given); ``kind: batch_mean``: the mean
+    over the consecutive batches of ``batch_size`` samples of |d mean_{batch, units} f^2 / d theta|.
+    One compiled program per learner, kind, batch size and input shape."""
     if int(x.shape[0]) == 0:
         return tmap(jnp.zeros_like, params)
+    if kind == "batch_mean":  # the batches are the estimator's, not a chunking: never resized
+        cache = learner.__dict__.setdefault("_mas_programs", {})
+        if ("batch_mean", batch_size) not in cache:
+            cache[("batch_mean", batch_size)] = jax.jit(partial(_mas_batch_mean, learner, batch_size))
+        return cache[("batch_mean", batch_size)](params, x, t, learner.mask_table)
     platform = learner.jax_device.platform
     if platform == "cpu":
         batch_size = min(batch_size, CPU_CHUNK)
@@ -99,15 +145,15 @@ class MASPart(ImportanceRegularizer):
     def importance(self, task):
         learner = self.learner
         n = int(learner.train_y.shape[0])
-        k = n if self.cfg.mas_samples is None else min(n, int(self.cfg.mas_samples))
-        if k < n:
-            rng = np.random.default_rng([learner.seed, task.id, 23])
-            idx = learner.put(np.sort(rng.choice(n, size=k, replace=False)).astype(np.int32))
+        kind = self.cfg.mas_importance
+        idx = mas_sample_indices(learner.seed, task.id, n, self.cfg.mas_samples, kind)
+        if idx is not None:
+            idx = learner.put(idx.astype(np.int32))
             x = learner.train_x[idx]
             t = learner.train_t[idx] if learner.train_t is not None else None
         else:
             x, t = learner.train_x, learner.train_t
-        new = mas_importance(learner, learner.params, x, t, int(self.cfg.mas_batch_size))
+        new = mas_importance(learner, learner.params, x, t, int(self.cfg.mas_batch_size), kind)
         return tmap(jnp.add, self.state["omega"], new)
 
 

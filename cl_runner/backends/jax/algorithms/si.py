@@ -24,11 +24,10 @@ import jax
 import numpy as np
 
 from cl_runner.backends.jax.learner import JaxLearner
-from cl_runner.backends.jax.regularization import ImportanceRegularizer, _consolidate
+from cl_runner.backends.jax.regularization import ImportanceRegularizer
 from cl_runner.registry import ALGORITHMS, PLUGINS
 
 tmap = jax.tree_util.tree_map
-PENALTY_KEYS = ("omega", "omega_anchor", "omega_anchor_sq")
 
 
 class SIPart(ImportanceRegularizer):
@@ -59,12 +58,6 @@ class SIPart(ImportanceRegularizer):
         xi = float(self.cfg.si_xi)
         return tmap(lambda old, w, p, s: old + w / ((p - s) ** 2 + xi),
                     self.state["omega"], self.state["w"], self.learner.params, self.state["task_start"])
-
-    def consolidate(self, omega) -> None:
-        penalty = {k: self.state[k] for k in PENALTY_KEYS}
-        new = _consolidate(penalty, omega, self.learner.params, self.accumulate_snapshots)
-        self.state = self.learner.put({**self.state, **new})
-        self.num_snapshots += 1
 
 
 @ALGORITHMS.register("si", backend="jax")

@@ -10,7 +10,13 @@ of the previous tasks, the update uses
 
 so that, to first order, the step does not increase the average loss on the memory. The dot
 products run over all parameters at once. The first task (empty memory) trains as fine-tuning.
-In task-IL the reference loss uses each memory sample's task units.
+In task-IL the reference loss uses each memory sample's task units. With ``benchmark.augment``
+the memory keeps the stream's inputs before augmentation and the reference batch is augmented
+afresh when drawn (Mammoth models/agem.py:49-75 passes ``transform`` to ``Buffer.get_data``).
+
+``mem_policy: class_ring`` is the reference's episodic memory (facebookresearch/agem
+conv_split_cifar.py:430-440 and fc_permute_mnist.py:307-316): each class of each task keeps its
+last ``mem_per_class`` samples (see memory.py).
 """
 
 from __future__ import annotations
@@ -51,14 +57,14 @@ class AGEMPart(Part):
         self.memory.register_classes(task.classes)
 
     def extra_loss(self, x, y, logits):
-        self._pending = (x, y)  # offered to the memory after the step
+        self._pending = (self.learner.stream_inputs(x), y)  # offered to the memory after the step
         return None
 
     def reference_gradient(self, idx: torch.Tensor) -> list[torch.Tensor]:
         learner = self.learner
         mx, my, mt, _ = self.memory.get(idx)
         with torch.enable_grad():
-            logits = learner.train_forward(mx)
+            logits = learner.train_forward(learner.replay_inputs(mx))
             loss = F.cross_entropy(learner.masked(logits, mt if learner.masks else None), my)
             grads = torch.autograd.grad(loss, self.params, allow_unused=True)
         return [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, self.params)]

@@ -11,6 +11,13 @@ distance is averaged over the output units as well as the samples: alpha then we
 squared error, the scale at which the paper's alpha values were chosen. DER++ (derpp.py) adds
 beta * cross-entropy on a second, independently drawn memory batch. The logits are
 stored raw (all output units); in task-IL DER++'s cross-entropy uses each sample's task units.
+
+As Mammoth's (models/der.py:30-47, models/derpp.py:34-58): the stream batch, the first memory
+batch and DER++'s second memory batch each go through a forward pass of their own, so a network
+with batch norm normalises each batch with its own statistics and updates its running averages
+once per pass. With ``benchmark.augment`` the memory keeps the stream's inputs before
+augmentation (with the logits of the augmented batch the step trained on) and every drawn
+memory batch is augmented afresh.
 """
 
 from __future__ import annotations
@@ -42,23 +49,19 @@ class DERPart(Part):
         self.memory.register_classes(task.classes)
 
     def extra_loss(self, x, y, logits):
-        self._pending = (x, y, logits.detach())
+        learner = self.learner
+        self._pending = (learner.stream_inputs(x), y, logits.detach())
         first = self.memory.sample(self.replay_batch_size)
         if first is None:
             return None
-        learner = self.learner
+        mx, _, _, mz = self.memory.get(first)
+        loss = self.alpha * F.mse_loss(learner.train_logits(learner.replay_inputs(mx)), mz)
         if self.beta:
-            second = self.memory.sample(self.replay_batch_size)
-            idx = torch.cat([first, second])
-        else:
-            idx = first
-        mx, my, mt, mz = self.memory.get(idx)
-        out = learner.train_logits(mx)  # one forward pass for both memory batches
-        k = first.numel()
-        loss = self.alpha * F.mse_loss(out[:k], mz[:k])
-        if self.beta:
-            masks = mt[k:] if learner.masks else None
-            loss = loss + self.beta * F.cross_entropy(learner.masked(out[k:], masks), my[k:])
+            # A second draw and a forward pass of its own (models/derpp.py:44-52).
+            mx, my, mt, _ = self.memory.get(self.memory.sample(self.replay_batch_size))
+            out = learner.train_logits(learner.replay_inputs(mx))
+            masks = mt if learner.masks else None
+            loss = loss + self.beta * F.cross_entropy(learner.masked(out, masks), my)
         return loss
 
     def after_step(self) -> None:

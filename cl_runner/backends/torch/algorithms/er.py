@@ -3,8 +3,12 @@
 Every step draws a memory batch of ``replay_batch_size`` samples (default: the stream batch
 size) and trains on the stream batch concatenated with it: one forward pass and one mean loss
 over both. Then the stream batch is offered to the memory (reservoir sampling over the whole
-stream by default; ``mem_policy`` chooses class-balanced or per-task ring memories). In task-IL
-each replayed sample's loss uses its own task's output units.
+stream by default; ``mem_policy`` chooses class-balanced, per-task or per-class ring memories).
+In task-IL each replayed sample's loss uses its own task's output units.
+
+With ``benchmark.augment`` the memory keeps the stream's inputs before augmentation and each
+replayed sample is augmented afresh when it is drawn, as Mammoth's ER (models/er.py:29-48: the
+buffer gets ``not_aug_inputs`` and ``get_data`` applies ``transform``).
 """
 
 from __future__ import annotations
@@ -35,9 +39,9 @@ class ER(TorchLearner):
             loss = super().train_step(x, y, t)
         else:
             mx, my, mt, _ = self.memory.get(idx)
-            loss = super().train_step(torch.cat([x, mx]), torch.cat([y, my]),
+            loss = super().train_step(torch.cat([x, self.replay_inputs(mx)]), torch.cat([y, my]),
                                       torch.cat([t, mt]) if t is not None else None)
-        self.memory.add(x, y, self.task_id)
+        self.memory.add(self.stream_inputs(x), y, self.task_id)
         return loss
 
     def state_dict(self):

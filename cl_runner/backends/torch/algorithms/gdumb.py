@@ -10,8 +10,9 @@ samples, and after each task a model is trained *from scratch* on the memory alo
   evicted and (x, y) takes its slot; else (x, y) is dropped. The memory so tends to equal counts
   per class. The decisions depend only on labels and counts, so they are made on the host over
   the label array; the images are then written to the device memory in one indexed copy.
-* Retraining. The model's parameters are re-initialised (from a seed drawn from the learner's
-  generator, so a resumed run draws the same) and trained for ``epochs`` over the memory with a
+* Retraining. The model's parameters are re-initialised as the backbone was built
+  (``backbone.init``), from a seed drawn from the learner's generator (so a resumed run draws
+  the same), and trained for ``epochs`` over the memory with a
   fresh SGD (``lr``, ``momentum``, ``weight_decay``), batches of ``batch_size`` and
   gradient-norm clipping at ``clip_grad_norm``. ``lr_schedule: sgdr`` is the paper's code: one warm-up epoch at lr / 10,
   then cosine annealing with warm restarts of 1, 2, 4, ... epochs from lr down toward ``lr_min``,
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 
 from cl_runner.algorithms.memories import GreedyClassBalancedSampler, sgdr_lr
+from cl_runner.backends.torch.backbones import xavier_init
 from cl_runner.backends.torch.learner import TorchLearner
 from cl_runner.backends.torch.memory import derived_seed
 from cl_runner.registry import ALGORITHMS
@@ -92,12 +94,16 @@ class GDumb(TorchLearner):
         self.seen[torch.as_tensor(self.memory.classes(), dtype=torch.long, device=self.device)] = True
 
     def reinitialize(self) -> None:
+        """Fresh parameters drawn as the backbone's were (``backbone.init``: PyTorch's defaults,
+        or Glorot-uniform weights and zero biases), and fresh batch-norm statistics."""
         seed = int(torch.randint(2**62, (1,), generator=self.generator))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             for module in self.model.modules():
                 if hasattr(module, "reset_parameters"):
                     module.reset_parameters()
+            if getattr(self.cfg.backbone, "init", "default") == "xavier_uniform":
+                xavier_init(self.model)
 
     def retrain(self) -> list[float]:
         """Train the re-initialised model on the memory; returns each epoch's mean loss."""

@@ -159,8 +159,7 @@ class KCL(TorchLearner):
         loss = F.cross_entropy(out, self.unit_pos[task][y]) + self.kl_weight * kl
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.clip_gradients()
         self.optimizer.step()
         return loss.detach()
 

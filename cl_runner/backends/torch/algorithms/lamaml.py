@@ -28,9 +28,16 @@ Every weight tensor theta has a learnable learning-rate tensor alpha of its shap
 The incoming batch enters the memory during its first glance, after that glance's meta-batch was
 drawn (the reference pushes each sample inside the first glance's inner loop, lamaml.py:86-87,
 and ``push_to_mem`` returns at later glances, lamaml_base.py:66-67), so the later glances can
-replay it; during a task's first epoch only. Remaining differences: a memory batch is drawn
-without replacement (the reference draws each sample uniformly, with replacement), and the
-reservoir is algorithm R (the reference draws the slot from 0..n rather than 0..n-1).
+replay it; during a task's first epoch only. With ``benchmark.augment`` the memory keeps the
+batch as it was before augmentation and each replayed sample is augmented afresh, as clrun's
+other replay methods do and as Avalanche's La-MAML does (its reservoir keeps dataset items,
+transformed when read: avalanche/training/supervised/lamaml_v2.py:292-310,
+storage_policy.py:110-124). The authors' CIFAR code instead stores the tensor its loader has
+already augmented (dataloaders/idataset.py:111-114, class_incremental_loader.py:135-137,
+model/lamaml_cifar.py:114, 126, lamaml_base.py:60-79) and replays it unchanged; on MNIST, without
+augmentation, the two are the same. Remaining differences: a memory batch is drawn without
+replacement (the reference draws each sample uniformly, with replacement), and the reservoir is
+algorithm R (the reference draws the slot from 0..n rather than 0..n-1).
 Fast weights are evaluated with ``torch.func.functional_call``; nothing is done per sample in
 Python beyond the inner steps themselves. In task-IL each loss uses the sample's task units.
 """
@@ -183,11 +190,12 @@ class LaMAML(TorchLearner):
                 mx, my, mt = xb, yb, tb
             else:
                 sx, sy, st, _ = self.memory.get(idx)
+                sx = self.replay_inputs(sx)  # benchmark.augment: a fresh crop and flip
                 mx, my = torch.cat([xb, sx]), torch.cat([yb, sy])
                 mt = torch.cat([tb, st]) if tb is not None else None
             meta_loss = self.meta_update(xb, yb, tb, mx, my, mt)
             if glance == 0 and self.epoch == 0:  # after the first glance's meta-batch was drawn
-                self.memory.add(x, y, self.task_id)
+                self.memory.add(self.stream_inputs(x), y, self.task_id)  # before benchmark.augment
         return meta_loss
 
     def state_dict(self):
