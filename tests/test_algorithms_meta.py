@@ -187,23 +187,26 @@ def linear_loss(ws, xb, yb):
     return F.cross_entropy(xb.flatten(1) @ w.T + b, yb)
 
 
-def first_order_meta_gradients(theta0, alpha0, x, y, mx, my, pieces, clip):
-    """(grad_theta, grad_alpha) of La-MAML's first-order meta-loss for a linear model, by hand:
-    theta_i = theta_{i-1} - alpha * g_i with constant g_i, so d theta_i / d theta_0 = I and
-    d theta_i / d alpha = -(g_1 + ... + g_i); the meta-loss is the mean over i of L(theta_i)."""
+def first_order_meta_gradients(theta0, alpha0, x, y, mx, my, pieces, inner_clip):
+    """(grad_theta, grad_alpha) of La-MAML's first-order meta-loss for a linear model, by hand
+    (montrealrobotics/La-MAML model/lamaml.py:37-56, 81-97): theta_i = theta_{i-1} - relu(alpha) * g_i
+    with constant g_i (optionally clamped element-wise), so d theta_i / d theta_0 = I and
+    d theta_i / d alpha = -(g_1 + ... + g_i) * [alpha > 0]; the meta-loss is the mean over i of
+    L(theta_i)."""
     fast = [w.clone().requires_grad_(True) for w in theta0]
     g_sum = [torch.zeros_like(w) for w in theta0]
     g_theta = [torch.zeros_like(w) for w in theta0]
     g_alpha = [torch.zeros_like(w) for w in theta0]
     for piece in pieces:
         g = torch.autograd.grad(linear_loss(fast, x[piece], y[piece]), fast)
-        if clip:
-            g = [gi.clamp(-clip, clip) for gi in g]
+        if inner_clip:
+            g = [gi.clamp(-inner_clip, inner_clip) for gi in g]
         g_sum = [s + gi for s, gi in zip(g_sum, g)]
-        fast = [(w - a * gi).detach().requires_grad_(True) for w, a, gi in zip(fast, alpha0, g)]
+        fast = [(w - a.clamp(min=0) * gi).detach().requires_grad_(True) for w, a, gi in zip(fast, alpha0, g)]
         g_meta = torch.autograd.grad(linear_loss(fast, mx, my), fast)
         g_theta = [a + gm / len(pieces) for a, gm in zip(g_theta, g_meta)]
         g_alpha = [a - s * gm / len(pieces) for a, s, gm in zip(g_alpha, g_sum, g_meta)]
+    g_alpha = [g * (a > 0) for g, a in zip(g_alpha, alpha0)]
     return g_theta, g_alpha
 
 
@@ -216,21 +219,30 @@ def batches(stream, learner):
     return x, y, mx, my
 
 
-@pytest.mark.parametrize("clip", [None, 0.05], ids=["no-clip", "clip"])
-def test_lamaml_update_by_hand(clip):
+PER_SAMPLE = tuple(slice(i, i + 1) for i in range(6))
+
+
+@pytest.mark.parametrize("n_inner,pieces,clip,inner_clip", [
+    (None, PER_SAMPLE, None, None),            # the reference: one single-sample step per sample
+    (None, PER_SAMPLE, 0.05, None),            # with the meta-gradients clipped (active here)
+    (2, (slice(0, 3), slice(3, 6)), 0.001, 0.01),  # two pieces, inner gradients clamped too
+], ids=["per-sample", "per-sample-clip", "pieces-inner-clip"])
+def test_lamaml_update_by_hand(n_inner, pieces, clip, inner_clip):
     stream = random_stream(num_tasks=1, side=3)
-    algo = {"n_inner_updates": 2, "lr_alpha": 0.3, "grad_clip_norm": clip}
+    algo = {"n_inner_updates": n_inner, "alpha_init": 0.15, "lr_alpha": 0.3, "grad_clip_norm": clip,
+            "inner_grad_clip": inner_clip}
     learner = make_learner(stream, "lamaml", algo=algo, backbone={"n_hidden_layers": 0})
+    assert all(torch.all(a == 0.15) for a in learner.alpha)
     params = list(learner.model.parameters())
-    # Some learning rates start negative, so that relu(alpha) stops their weights.
+    # Some learning rates start negative: relu(alpha) stops their weights in the inner steps and
+    # in the update, and their own gradient is zero.
     with torch.no_grad():
         learner.alpha[1].copy_(torch.linspace(-0.4, 0.3, learner.alpha[1].numel()))
     theta0, alpha0 = weights(learner), [a.detach().clone() for a in learner.alpha]
     x, y, mx, my = batches(stream, learner)
     learner.meta_update(x, y, None, mx, my, None)
 
-    g_theta, g_alpha = first_order_meta_gradients(theta0, alpha0, x, y, mx, my,
-                                                  (slice(0, 3), slice(3, 6)), clip)
+    g_theta, g_alpha = first_order_meta_gradients(theta0, alpha0, x, y, mx, my, pieces, inner_clip)
     if clip:
         for grads in (g_theta, g_alpha):
             norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
@@ -240,6 +252,8 @@ def test_lamaml_update_by_hand(clip):
     alpha1 = [a - 0.3 * ga for a, ga in zip(alpha0, g_alpha)]
     for a, e in zip(learner.alpha, alpha1):
         torch.testing.assert_close(a.detach(), e, rtol=1e-5, atol=1e-7)
+    negative = alpha0[1] <= 0
+    assert negative.any() and torch.equal(learner.alpha[1].detach()[negative], alpha0[1][negative])
     # The weights move by -relu(alpha_new) * g_theta: the rates after their own update.
     for p, w, a, g in zip(params, theta0, alpha1, g_theta):
         torch.testing.assert_close(p.detach(), w - a.clamp(min=0) * g, rtol=1e-5, atol=1e-7)
@@ -247,16 +261,46 @@ def test_lamaml_update_by_hand(clip):
     assert stopped.any() and torch.equal(params[1].detach()[stopped], theta0[1][stopped])
 
 
+def test_lamaml_inner_steps_use_relu_of_alpha_and_are_not_clipped_by_default():
+    """The two departures of the earlier code, pinned against the reference's arithmetic: with raw
+    alpha in the inner step, or inner gradients clamped at grad_clip_norm, the update differs."""
+    stream = random_stream(num_tasks=1, side=3)
+    learner = make_learner(stream, "lamaml", algo={"grad_clip_norm": None}, backbone={"n_hidden_layers": 0})
+    with torch.no_grad():
+        learner.alpha[0].copy_(torch.linspace(-0.4, 0.3, learner.alpha[0].numel()).view_as(learner.alpha[0]))
+    theta0, alpha0 = weights(learner), [a.detach().clone() for a in learner.alpha]
+    x, y, mx, my = batches(stream, learner)
+    _, g_theta, g_alpha = learner.meta_gradients(x, y, None, mx, my, None)
+    ref = first_order_meta_gradients(theta0, alpha0, x, y, mx, my, PER_SAMPLE, None)
+    raw_alpha = alpha0  # the earlier code's inner step: theta - alpha * g, without the ReLU
+
+    def with_raw_alpha():
+        fast = [w.clone().requires_grad_(True) for w in theta0]
+        out = [torch.zeros_like(w) for w in theta0]
+        for piece in PER_SAMPLE:
+            g = torch.autograd.grad(linear_loss(fast, x[piece], y[piece]), fast)
+            fast = [(w - a * gi).detach().requires_grad_(True) for w, a, gi in zip(fast, raw_alpha, g)]
+            gm = torch.autograd.grad(linear_loss(fast, mx, my), fast)
+            out = [o + m / 6 for o, m in zip(out, gm)]
+        return out
+
+    for got, e in zip([*g_theta, *g_alpha], [*ref[0], *ref[1]]):
+        torch.testing.assert_close(got, e, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(with_raw_alpha()[0], g_theta[0], rtol=1e-3, atol=1e-7)
+    clipped = first_order_meta_gradients(theta0, alpha0, x, y, mx, my, PER_SAMPLE, 0.01)
+    assert not torch.allclose(clipped[0][0], g_theta[0], rtol=1e-3, atol=1e-7)
+
+
 def test_lamaml_without_learn_lr_keeps_alpha_and_sync_update_uses_the_optimizer():
     stream = random_stream(num_tasks=1, side=3)
     learner = make_learner(stream, "lamaml", algo={"learn_lr": False, "sync_update": True, "grad_clip_norm": None,
-                                                   "n_inner_updates": 3},
+                                                   "n_inner_updates": 3, "alpha_init": 0.2, "lr_alpha": 0.5},
                            backbone={"n_hidden_layers": 0}, optimizer={"lr": 0.07})
     theta0, alpha0 = weights(learner), [a.detach().clone() for a in learner.alpha]
     x, y, mx, my = batches(stream, learner)
     learner.meta_update(x, y, None, mx, my, None)
     for a in learner.alpha:
-        assert torch.all(a == 0.3)
+        assert torch.all(a == 0.2)
     g_theta, _ = first_order_meta_gradients(theta0, alpha0, x, y, mx, my,
                                             (slice(0, 2), slice(2, 4), slice(4, 6)), None)
     for p, w, g in zip(learner.model.parameters(), theta0, g_theta):
@@ -265,8 +309,11 @@ def test_lamaml_without_learn_lr_keeps_alpha_and_sync_update_uses_the_optimizer(
 
 def test_lamaml_second_order_differentiates_through_the_inner_steps():
     stream = random_stream(num_tasks=1, side=3)
-    learner = make_learner(stream, "lamaml", algo={"second_order": True, "n_inner_updates": 2, "grad_clip_norm": 0.5},
+    learner = make_learner(stream, "lamaml", algo={"second_order": True, "n_inner_updates": 2, "grad_clip_norm": 0.5,
+                                                   "inner_grad_clip": 0.5},
                            backbone={"n_hidden_layers": 0})
+    with torch.no_grad():
+        learner.alpha[1].copy_(torch.linspace(-0.4, 0.3, learner.alpha[1].numel()))
     theta0, alpha0 = weights(learner), [a.detach().clone() for a in learner.alpha]
     x, y, mx, my = batches(stream, learner)
     _, g_theta, g_alpha = learner.meta_gradients(x, y, None, mx, my, None)
@@ -276,7 +323,7 @@ def test_lamaml_second_order_differentiates_through_the_inner_steps():
     fast, meta = th, 0.0
     for piece in (slice(0, 3), slice(3, 6)):
         g = torch.autograd.grad(linear_loss(fast, x[piece], y[piece]), fast, create_graph=True)
-        fast = [w - a * gi.clamp(-0.5, 0.5) for w, a, gi in zip(fast, al, g)]
+        fast = [w - torch.relu(a) * gi.clamp(-0.5, 0.5) for w, a, gi in zip(fast, al, g)]
         meta = meta + linear_loss(fast, mx, my) / 2
     expected = torch.autograd.grad(meta, [*th, *al])
     for got, e in zip([*g_theta, *g_alpha], expected):
@@ -300,6 +347,27 @@ def test_lamaml_memory_fills_during_the_first_epoch_only():
     learner.train_epoch(stream.tasks[1], 0)
     assert learner.memory.seen == 48 and len(learner.memory) == 30
     assert set(learner.memory.t[:30].tolist()) == {0, 1}
+
+
+def test_lamaml_batch_enters_the_memory_after_its_first_glance():
+    """model/lamaml.py:78-87 draws the first glance's meta-batch, then pushes the batch's samples
+    (lamaml_base.py:66-67: only at the first glance), so the later glances can replay them: with an
+    empty memory the first batch's glances see 8, then 8 + 4 meta-batch samples."""
+    stream = random_stream(num_tasks=1, n_train=16)
+    learner = make_learner(stream, "lamaml", algo={"mem_size": 100, "glances": 3, "replay_batch_size": 4,
+                                                   "n_inner_updates": 1})
+    sizes = []
+    meta_update = learner.meta_update
+
+    def spy(x, y, t, mx, my, mt):
+        sizes.append(len(my))
+        return meta_update(x, y, t, mx, my, mt)
+
+    learner.meta_update = spy
+    task = stream.tasks[0]
+    learner.on_before_task(task)
+    learner.train_epoch(task, 0)
+    assert sizes == [8, 12, 12, 12, 12, 12]
 
 
 @pytest.mark.parametrize("name, algo", [

@@ -63,18 +63,24 @@ def clone_params(module):
 # -- Stable SGD ------------------------------------------------------------------------------------
 
 def test_stable_sgd_decays_the_lr_per_task_and_applies_dropout():
+    """The regime as the learner sees it: the batch size, dropout after the hidden ReLU, and the
+    rate of task t (from 0) max(lr * gamma ** (t + 1), floor) (the reference counts tasks from 1)."""
     stream = random_stream(num_tasks=3)
     learner = make_learner(stream, "stable_sgd", algo={"lr": 0.2, "lr_decay": 0.5, "dropout": 0.25,
-                                                       "batch_size": 4}, optimizer={"lr": 0.01})
+                                                       "batch_size": 4, "lr_min": 0.03}, optimizer={"lr": 0.01})
     assert learner.batch_size == 4
     assert learner.cfg.backbone.dropout == 0.25 and learner.cfg.optimizer.lr == 0.2
+    assert learner.cfg.optimizer.momentum == 0.8 and learner.cfg.optimizer.reset == "epoch"
     drops = [m for m in learner.model.modules() if isinstance(m, torch.nn.Dropout)]
     assert [m.p for m in drops] == [0.25]
-    for task in stream.tasks:
+    for task, lr in zip(stream.tasks, [0.1, 0.05, 0.03]):
         learner.on_before_task(task)
-        assert learner.optimizer.param_groups[0]["lr"] == pytest.approx(0.2 * 0.5 ** task.id)
+        assert learner.optimizer.param_groups[0]["lr"] == pytest.approx(lr)
+        learner.on_before_epoch(task, 0)
+        assert len(learner.optimizer.state) == 0  # a new optimizer every epoch
         steps = learner.train_epoch(task, 0)["steps"]
         assert steps == 10  # 40 samples in batches of 4
+        assert all("momentum_buffer" in s for s in learner.optimizer.state.values())
         learner.on_after_task(task)
     # Dropout is on in training: a quarter of the hidden units are zeroed, the rest scaled by 4/3.
     x = learner.to_input(stream.tasks[0].train_x)
@@ -91,13 +97,15 @@ def test_stable_sgd_decays_the_lr_per_task_and_applies_dropout():
 
 def test_stable_sgd_null_keys_keep_the_sections_and_bad_values_are_errors():
     stream = random_stream(num_tasks=2)
-    learner = make_learner(stream, "stable_sgd", algo={"lr": None, "lr_decay": None, "dropout": None,
-                                                       "batch_size": None},
+    nulls = {k: None for k in ("lr", "lr_decay", "lr_decay_offset", "lr_min", "momentum", "reset", "dropout",
+                               "batch_size")}
+    learner = make_learner(stream, "stable_sgd", algo=nulls,
                            optimizer={"lr": 0.03, "lr_decay": 0.9}, benchmark={"batch_size": 5})
     assert learner.batch_size == 5
     assert not any(isinstance(m, torch.nn.Dropout) for m in learner.model.modules())
     learner.on_before_task(stream.tasks[1])
     assert learner.optimizer.param_groups[0]["lr"] == pytest.approx(0.03 * 0.9)
+    assert learner.cfg.optimizer.momentum == 0.0 and learner.cfg.optimizer.reset == "never"
     with pytest.raises(ConfigError, match="algo.dropout"):
         make_learner(stream, "stable_sgd", algo={"dropout": 1.0})
     with pytest.raises(ConfigError, match="algo.lr_decay"):

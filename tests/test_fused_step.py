@@ -36,11 +36,14 @@ def autograd_grads(model, x, y, invalid):
 
 @pytest.mark.parametrize("layers,dropout", [(0, 0.0), (1, 0.0), (2, 0.2), (3, 0.5)])
 @pytest.mark.parametrize("task_mask", [False, True])
-def test_gradients_equal_autograd(layers, dropout, task_mask):
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_gradients_equal_autograd(layers, dropout, task_mask, activation):
     torch.manual_seed(0)
-    model = mlp(SimpleNamespace(n_hidden_layers=layers, width=16, dropout=dropout), (1, 5, 5), 7)
+    model = mlp(SimpleNamespace(n_hidden_layers=layers, width=16, dropout=dropout, activation=activation),
+                (1, 5, 5), 7)
     step = FusedMLPStep.for_model(model)
     assert step is not None
+    assert step.tanh == (activation == "tanh" and layers > 0)
     x = torch.randn(10, 1, 5, 5)
     y = torch.randint(0, 7, (10,))
     invalid = None

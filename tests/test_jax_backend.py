@@ -741,3 +741,32 @@ def test_xavier_uniform_init_on_both_backends(backbone):
         assert w.size == t.size
         bound = math.sqrt(6.0 / (int(np.prod(w.shape[:-1])) + int(np.prod(w.shape[:-2])) * w.shape[-1]))
         assert np.abs(w).max() <= bound and np.abs(w).max() > 0.95 * bound
+
+
+@pytest.mark.parametrize("backbone", [{"type": "mlp", "width": 300},
+                                      {"type": "cnn", "channels": [8, 16], "width": 64}])
+def test_kaiming_normal_init_on_both_backends(backbone):
+    """backbone.init=kaiming_normal (La-MAML's model/meta/learner.py:72-77): zero biases and weights
+    N(0, 2 / fan_in) (fan_in counts the receptive field for convolutions), on PyTorch and on JAX:
+    the weights' mean is near 0 and their std near sqrt(2 / fan_in)."""
+    import math
+
+    from cl_runner.backends.jax.backbones import build_backbone as jax_build, init_params
+    from cl_runner.backends.torch.backbones import build_backbone as torch_build
+
+    cfg = typed_cfg("jax", backbone={**backbone, "init": "kaiming_normal"}).backbone
+    shape = (1, 28, 28)
+    torch.manual_seed(0)  # (the first conv layer has only 72 weights: a fixed draw, not a flaky one)
+    tmodel = torch_build(cfg, shape, 10)
+    jparams = init_params(jax_build(cfg, shape, 10), shape, 0, "kaiming_normal")
+    layers = [m for m in tmodel.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    leaves = jax.tree_util.tree_flatten_with_path(jparams)[0]
+    jw = [np.asarray(leaf) for path, leaf in leaves if path[-1].key == "kernel"]
+    jb = [np.asarray(leaf) for path, leaf in leaves if path[-1].key == "bias"]
+    assert all(not m.bias.detach().numpy().any() for m in layers) and all(not b.any() for b in jb)
+    assert len(jw) == len(layers)
+    for w, m in zip(jw, layers):
+        expected = math.sqrt(2.0 / int(np.prod(m.weight.shape[1:])))  # torch: (out, in, *k)
+        assert w.size == m.weight.numel()
+        for got in (w, m.weight.detach().numpy()):
+            assert abs(got.std() - expected) < 0.1 * expected and abs(got.mean()) < 0.1 * expected

@@ -224,18 +224,19 @@ def test_lfl_trajectory_and_penalty_match_pytorch():
 
 def test_stable_sgd_regime_and_trajectory_match_pytorch():
     """Without dropout (algo.dropout=0: identical arithmetic) both backends train the same under
-    the regime: batch size, first lr and the per-task decay written into the config."""
+    the regime: batch size, first lr, the per-task decay counted from task 1, momentum 0.8 and a
+    fresh optimizer every epoch, written into the config."""
     stream = tiny_stream(num_tasks=3, n_train=20, side=6)
     kw = dict(algo={"dropout": 0.0, "lr": 0.1, "lr_decay": 0.5, "batch_size": 20},
               benchmark={"batch_size": 5}, optimizer={"lr": 0.01})
     tl = torch_learner(stream, "stable_sgd", **kw)
     jl = copy_torch_weights(tl, jax_learner(stream, "stable_sgd", **kw))
-    assert jl.batch_size == 20 and jl.cfg.optimizer.lr == 0.1
+    assert jl.batch_size == 20 and jl.cfg.optimizer.lr == 0.1 and jl.cfg.optimizer.momentum == 0.8
     ts = ContinualLoop(tl, stream, epochs_per_task=2).run()
     js = ContinualLoop(jl, stream, epochs_per_task=2).run()
     from cl_runner.backends.jax.optim import get_lr
 
-    assert get_lr(jl.opt_state) == pytest.approx(0.1 * 0.5 ** 2)
+    assert get_lr(jl.opt_state) == pytest.approx(0.1 * 0.5 ** 3)
     assert_tree_close(jl.params, torch_params_tree(tl, jl), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(js.epoch_losses, ts.epoch_losses, rtol=1e-4)
     assert jax_learner(stream, "stable_sgd").dropout  # the default regime has dropout 0.5
@@ -268,7 +269,7 @@ def run_both(stream, bench, name, algo, aligned: bool, steps: bool = False, lr: 
     JAX learner's order (:class:`jax_order`)."""
     kw = dict(algo=algo, backbone={"width": 100}, optimizer={"lr": lr},
               benchmark={"name": bench["name"], "scenario": bench.get("scenario"), "batch_size": 10,
-                         "eval_batch_size": 500})
+                         "eval_batch_size": 500, "normalize": bench.get("normalize", True)})
     tl = torch_learner(stream, name, **kw)
     tl.set_threads(1, 1)
     jl = copy_torch_weights(tl, jax_learner(stream, name, **kw))
@@ -339,15 +340,19 @@ def test_icarl_final_accuracy_exemplars_and_means_match_pytorch(real_streams):
 
 @pytest.mark.slow
 def test_stable_sgd_final_accuracy_matches_pytorch(real_streams):
-    """The stable regime (dropout 0.5, lr 0.1 decayed by 0.8 per task, batch 10) on Permuted
-    MNIST, 3 tasks of 2000 training / 1000 test images, the same sample order; the dropout masks
-    differ (each backend draws its own). Measured (jax - torch, points), seeds 0-4: +1.3 -1.9
-    +0.3 -2.5 -0.9 (at 1000 images per task: -2.4 -4.3 +3.1 -0.8). Tolerance: 5 points."""
-    bench = {**PM, "subset": 2000, "test_subset": 1000}
-    _, jl, t_acc, j_acc = run_both(real_streams(bench), bench, "stable_sgd", {}, aligned=True, steps=True)
-    assert jl.dropout and jl.batch_size == 10
+    """The stable regime (lr 0.1 decayed by 0.8 per task from task 1, momentum 0.8 restarted
+    every epoch, batch 10, inputs in [0, 1] as the reference's) on Permuted MNIST, 3 tasks of 2000
+    training / 1000 test images, the same sample order and no dropout: the backends compute the
+    same run, so the same accuracies up to float rounding (measured jax - torch at seeds 0-2:
+    +0.00, +0.03, +0.00 points). With the regime's dropout 0.5 each backend draws its own masks,
+    and at 200 steps per task (MLP 100-100) the runs are then far apart (measured at seeds 0-4:
+    +4.1, +2.6, +5.0, +1.3, +10.7 points, both near 45%), so the comparison is made without it
+    (test_jax_backend.py's test_same_seed_same_results_and_dropout_is_used checks JAX's dropout)."""
+    bench = {**PM, "subset": 2000, "test_subset": 1000, "normalize": False}
+    _, jl, t_acc, j_acc = run_both(real_streams(bench), bench, "stable_sgd", {"dropout": 0.0}, aligned=True)
+    assert not jl.dropout and jl.batch_size == 10 and jl.cfg.optimizer.reset == "epoch"
     assert t_acc.mean() > 60 and j_acc.mean() > 60
-    assert abs(j_acc.mean() - t_acc.mean()) <= 5.0, (t_acc, j_acc)
+    assert abs(j_acc.mean() - t_acc.mean()) <= ALIGNED_TOLERANCE, (t_acc, j_acc)
 
 
 @pytest.mark.slow

@@ -198,17 +198,18 @@ def test_lamaml_pieces_are_torch_tensor_split():
         assert int(count) == len(pieces)
 
 
-@pytest.mark.parametrize("scenario,second_order,sync", [
-    ("task_il", False, False), ("domain_il", True, True),
+@pytest.mark.parametrize("scenario,second_order,sync,n_inner,inner_clip", [
+    ("task_il", False, False, 3, 0.5), ("domain_il", True, True, 3, 0.5), ("domain_il", False, False, None, None),
 ])
-def test_lamaml_meta_update_matches_pytorch(scenario, second_order, sync):
-    """One meta-update (3 inner steps with clipped gradients, the meta-loss over the batch and 5
-    memory samples, both meta-gradients clipped, alpha then the weights) from the same weights,
-    learning rates (perturbed away from their uniform start) and batches: the same new weights
-    and learning rates on both backends."""
+def test_lamaml_meta_update_matches_pytorch(scenario, second_order, sync, n_inner, inner_clip):
+    """One meta-update (3 inner steps with clamped gradients, or one unclamped step per sample,
+    the meta-loss over the batch and 5 memory samples, both meta-gradients clipped, alpha then the
+    weights) from the same weights, learning rates (perturbed away from their uniform start, some
+    below zero) and batches: the same new weights and learning rates on both backends."""
     stream = tiny_stream(num_tasks=2, scenario=scenario, n_train=12, side=6)
-    kw = dict(algo={"second_order": second_order, "sync_update": sync, "n_inner_updates": 3,
-                    "grad_clip_norm": 0.5}, benchmark={"batch_size": 12}, optimizer={"lr": 0.1, "momentum": 0.5})
+    kw = dict(algo={"second_order": second_order, "sync_update": sync, "n_inner_updates": n_inner,
+                    "grad_clip_norm": 0.5, "inner_grad_clip": inner_clip},
+              benchmark={"batch_size": 12}, optimizer={"lr": 0.1, "momentum": 0.5})
     tl = torch_learner(stream, "lamaml", **kw)
     jl = copy_torch_weights(tl, jax_learner(stream, "lamaml", **kw))
     task = stream.tasks[1]
@@ -220,14 +221,15 @@ def test_lamaml_meta_update_matches_pytorch(scenario, second_order, sync):
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for a in tl.alpha:
-            a.add_(0.05 * torch.randn(a.shape, generator=g))
+            a.add_(0.15 * torch.randn(a.shape, generator=g))
+    assert any(bool((a < 0).any()) for a in tl.alpha)
     alpha0 = jl.put(tmap(jnp.asarray, torch_list_to_tree([a.detach().clone() for a in tl.alpha], jl)))
     loss = tl.meta_update(x, y, t, mx, my, mt)
 
     def j(a, dtype=None):
         return None if a is None else jnp.asarray(a.numpy(), dtype)
 
-    piece, k = piece_ids(jnp.int32(12), 12, 3)
+    piece, k = piece_ids(jnp.int32(12), 12, jl.pieces_max(12))
     params, alpha, _, jloss = jax.jit(jl.meta_update)(
         jl.params, alpha0, jl.opt_state, j(x), j(y, jnp.int32), j(t, jnp.int32), piece, k, j(mx), j(my, jnp.int32),
         j(mt, jnp.int32), jnp.ones(17), jl.mask_table, jax.random.PRNGKey(0))
@@ -235,6 +237,61 @@ def test_lamaml_meta_update_matches_pytorch(scenario, second_order, sync):
     assert_tree_close(params, torch_to_tree([(m.weight, m.bias) for m in torch_layers(tl.model)], jl.params),
                       rtol=1e-4, atol=1e-6)
     assert_tree_close(alpha, torch_list_to_tree([a.detach() for a in tl.alpha], jl), rtol=1e-4, atol=1e-6)
+
+
+def same_draws(monkeypatch, tl, jl):
+    """Both La-MAML learners draw the same samples: each epoch and each glance in the stored
+    order, and memory batches by one fixed rule, (seen + i) mod stored, on both backends (the
+    reservoir itself is deterministic while it is not full). What is left is arithmetic."""
+    monkeypatch.setattr(torch, "randperm", lambda n, generator=None, **kw: torch.arange(n))
+    monkeypatch.setattr(jax.random, "permutation", lambda key, n: jnp.arange(n))
+    monkeypatch.setattr(tl, "glance_order", lambda n: torch.arange(n))
+    monkeypatch.setattr(jl, "glance_order", lambda key, w: jnp.argsort(2.0 * (w <= 0), stable=True))
+
+    def torch_sample(k, before_task=None):
+        stored = min(tl.memory.seen, tl.memory.capacity)
+        return None if stored == 0 else (tl.memory.seen + torch.arange(min(k, stored))) % stored
+
+    cap = jl.part.memory.capacity
+
+    def jax_sample(mem, key, k, before_task=None):
+        stored = jnp.minimum(mem["seen"], cap)
+        i = jnp.arange(min(int(k), cap))
+        return (mem["seen"] + i) % jnp.maximum(stored, 1), i < stored
+
+    monkeypatch.setattr(tl.memory, "sample", torch_sample)
+    monkeypatch.setattr(jl.part.memory, "sample", jax_sample)
+
+
+@pytest.mark.slow
+def test_lamaml_runs_match_pytorch_step_for_step(monkeypatch, shared_data_dir, tmp_path):
+    """Permuted MNIST, 2 tasks of 50 images, 2 epochs, MLP 784-100-100, batch 10, the defaults
+    (one unclamped single-sample inner step per sample) with 2 glances and 10 replayed samples,
+    the same weights and the same draws (:func:`same_draws`): 20 batches, every glance's meta-batch
+    built from a memory that the first glance of each batch of a first epoch fills, so the insertion
+    point, the task boundary and the second epoch (no insertion) all count. The backends compute
+    the same run (measured: weights within 2e-7, the same accuracies). Over longer runs the
+    difference of float rounding grows by about 1.7x per batch (measured on this stream: 2e-8
+    after 5 batches, 3e-5 after 20, 6e-2 after 60 of one task), which is why the whole-run test
+    below compares accuracies with a tolerance from a measured spread."""
+    cfg = typed_cfg("jax", benchmark={"name": "permutedmnist", "num_tasks": 2, "subset": 50, "test_subset": 500,
+                                      "batch_size": 10})
+    stream = build_stream(cfg.benchmark, 0, shared_data_dir, tmp_path)
+    kw = dict(algo={"glances": 2, "mem_size": 200, "replay_batch_size": 10}, backbone={"width": 100},
+              benchmark={"name": "permutedmnist", "batch_size": 10, "eval_batch_size": 500})
+    tl = torch_learner(stream, "lamaml", **kw)
+    tl.set_threads(1, 1)
+    jl = copy_torch_weights(tl, jax_learner(stream, "lamaml", **kw))
+    same_draws(monkeypatch, tl, jl)
+    ts = ContinualLoop(tl, stream, epochs_per_task=2).run()
+    js = ContinualLoop(jl, stream, epochs_per_task=2).run()
+    assert tl.memory.seen == int(jl.part.state["memory"]["seen"]) == 100
+    assert_tree_close(jl.params, torch_to_tree([(m.weight, m.bias) for m in torch_layers(tl.model)], jl.params),
+                      rtol=1e-4, atol=2e-6)
+    assert_tree_close(jl.part.state["alpha"], torch_list_to_tree([a.detach() for a in tl.alpha], jl),
+                      rtol=1e-4, atol=2e-6)
+    np.testing.assert_allclose(js.acc_matrix, ts.acc_matrix, atol=0.21)  # at most one test image of 500
+    assert ts.acc_matrix[-1].mean() > 20
 
 
 def test_lamaml_fills_its_memory_in_first_epochs_only_with_one_program():
@@ -349,14 +406,15 @@ def small_split_mnist(shared_data_dir, tmp_path_factory):
 
 
 # Points of final average accuracy (jax - torch) allowed; mcsgd and kcl: |mean| + 3 sd of the
-# differences measured at learner seeds 0-9 (see the test's docstring).
-ACCURACY_TOLERANCE = {"mcsgd": 26.0, "lamaml": 6.0, "pnn": 1.0, "kcl": 3.0}
+# differences measured at learner seeds 0-9; La-MAML: 4 sd of the difference measured at seeds 0-7
+# (4 x 1.82 = 7.3). See the test's docstring.
+ACCURACY_TOLERANCE = {"mcsgd": 26.0, "lamaml": 7.5, "pnn": 1.0, "kcl": 3.0}
 # The least final average accuracy either backend must reach (chance: 10%); mcsgd: below the
 # lowest of the 20 runs measured (45.3), about its mean - 3 sd.
 ACCURACY_FLOOR = {"mcsgd": 35.0, "lamaml": 50.0, "pnn": 50.0, "kcl": 50.0}
 ACCURACY_RUNS = {
     "mcsgd": ("small_permuted_mnist", {"per_task_memory_samples": 100, "lmc_line_samples": 5}, {}),
-    "lamaml": ("small_permuted_mnist", {"glances": 2, "mem_size": 200}, {}),
+    "lamaml": ("small_permuted_mnist", {"glances": 2, "mem_size": 200, "n_inner_updates": 5}, {}),
     "pnn": ("small_permuted_mnist", {"lateral": "linear"}, {}),
     "kcl": ("small_split_mnist", {"coreset_size": 50, "num_features": 128}, {"scenario": "task_il"}),
 }
@@ -369,7 +427,8 @@ def test_final_accuracy_matches_pytorch(request, monkeypatch, name):
     MNIST (KCL; 300 training and test images per task), MLP 784-100-100, SGD lr 0.05, batch 10,
     one epoch, seed 0.
 
-    MC-SGD, La-MAML (2 glances, 5 inner updates) and KCL: the same initial weights for what both
+    MC-SGD, La-MAML (2 glances, 5 inner updates: half the cost of one per sample, whose arithmetic
+    the step-for-step test above covers) and KCL: the same initial weights for what both
     backends build at the start (MC-SGD, La-MAML: copied; KCL's inference networks are drawn by
     each backend), different sample orders, memory draws, La-MAML batch splits and KCL coresets,
     so the runs differ as two seeds of one backend would (the exact tests above show the
@@ -377,9 +436,10 @@ def test_final_accuracy_matches_pytorch(request, monkeypatch, name):
     +2.63 -3.63 +10.20 -10.43 +4.83 -6.63 +12.43 +8.63 +6.43 (mean +2.7, sd 7.5: MC-SGD's own
     accuracy here swings between seeds, torch 45.3-58.3 and jax 45.7-61.1, and giving both the
     same sample order does not narrow it: sd 7.3 over the same seeds); kcl at seeds 0-9 +0.53
-    -0.47 +0.07 +1.13 +0.80 -0.40 -1.00 +0.47 +0.13 -0.13 (mean +0.1, sd 0.6); lamaml +0.2,
-    +0.1, -5.7, -0.8 at seeds 0-3 (one glance is much noisier: +-20 between seeds on either
-    backend, so it is not used here). Tolerance: ACCURACY_TOLERANCE points.
+    -0.47 +0.07 +1.13 +0.80 -0.40 -1.00 +0.47 +0.13 -0.13 (mean +0.1, sd 0.6); lamaml (five inner
+    updates, as the authors run it) at learner seeds 0-7: +1.93, -2.27, -3.00, +1.27, -1.33,
+    -0.07, -0.43, +1.53 (mean -0.30, sd 1.82, as two independent runs: the per-backend sd are
+    1.21 and 1.23; accuracies 78-83). Tolerance: ACCURACY_TOLERANCE points.
 
     PNN: every column's initial weights copied and both backends walk the data in its stored
     order (the permutations replaced by the identity), so the runs are the same computation:

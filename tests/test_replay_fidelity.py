@@ -212,6 +212,94 @@ def test_without_augmentation_the_replayed_inputs_are_the_stored_ones(monkeypatc
         torch.testing.assert_close(x[8:], learner.memory.x[:4], rtol=0, atol=0)
 
 
+LAMAML = {"mem_size": 64, "replay_batch_size": 4, "glances": 2, "n_inner_updates": 2}
+
+
+def test_torch_lamaml_memory_stores_unaugmented_inputs_and_replays_them_augmented_afresh(monkeypatch):
+    """La-MAML's reservoir keeps the batch before augmentation (stream_inputs) and each glance's
+    memory samples are cropped and flipped afresh (replay_inputs): every replayed row is one
+    window of its stored image, and a slot replayed 12 times shows several windows."""
+    stream = cifar_like_stream()
+    learner = torch_learner("lamaml", stream, **LAMAML)
+    learner.on_before_task(stream.tasks[0])
+    clean = learner.train_x.numpy().copy()
+    learner.train_epoch(stream.tasks[0], 0)
+    stored = learner.memory.x[:16].numpy()
+    match = [next((j for j in range(16) if np.array_equal(r, clean[j])), None) for r in stored]
+    assert None not in match and sorted(match) == list(range(16))
+
+    learner.on_before_task(stream.tasks[1])
+    monkeypatch.setattr(learner.memory, "sample", lambda k, before_task=None: torch.arange(4)[:k])
+    meta_batches = []
+    update = learner.meta_update
+    learner.meta_update = lambda x, y, t, mx, my, mt: (meta_batches.append(mx.detach().numpy().copy()),
+                                                       update(x, y, t, mx, my, mt))[1]
+    for epoch in range(3):
+        learner.train_epoch(stream.tasks[1], epoch)
+    assert len(meta_batches) == 12  # 2 steps x 2 glances x 3 epochs
+    versions = {s: set() for s in range(4)}
+    for mx in meta_batches:
+        assert mx.shape[0] == 12  # the 8 stream samples, then the 4 memory samples
+        for s in range(4):
+            versions[s].add(window_index(mx[8 + s], stored[s]))
+    assert all(len(v) >= 3 for v in versions.values()), versions
+    clean1 = learner.to_input(stream.tasks[1].train_x).numpy()
+    rows = learner.memory.x[16:32].numpy()
+    assert all(any(np.array_equal(r, c) for c in clean1) for r in rows)
+
+
+def test_torch_lamaml_without_augmentation_replays_the_stored_rows(monkeypatch):
+    stream = cifar_like_stream()
+    learner = torch_learner("lamaml", stream, augment=False, **LAMAML)
+    learner.on_before_task(stream.tasks[0])
+    learner.train_epoch(stream.tasks[0], 0)
+    learner.on_before_task(stream.tasks[1])
+    monkeypatch.setattr(learner.memory, "sample", lambda k, before_task=None: torch.arange(4)[:k])
+    seen = []
+    update = learner.meta_update
+    learner.meta_update = lambda x, y, t, mx, my, mt: (seen.append(mx[8:].detach().clone()),
+                                                       update(x, y, t, mx, my, mt))[1]
+    learner.train_epoch(stream.tasks[1], 1)
+    assert len(seen) == 4
+    for mx in seen:
+        torch.testing.assert_close(mx, learner.memory.x[:4], rtol=0, atol=0)
+
+
+def test_jax_lamaml_memory_stores_unaugmented_inputs_and_replays_them_augmented_afresh(monkeypatch):
+    """JAX: the batch from before random_crop_flip enters the memory; the memory samples of a
+    glance are augmented with a key of their own. One glance per step, so the meta-batch is
+    concrete when train_step runs eagerly."""
+    stream = cifar_like_stream()
+    jl = jax_learner("lamaml", stream, algo={**LAMAML, "glances": 1})
+    part = jl.parts[0]
+    jl.on_before_task(stream.tasks[0])
+    carry, x, y, t, mask = jl.epoch_inputs()
+    carry, _ = jl.train_step(carry, jnp.arange(8), None, x, y, t, mask)
+    mem = carry[2][0]["memory"]
+    np.testing.assert_array_equal(np.asarray(mem["x"][:8]), np.asarray(x[:8]))
+    stored = np.asarray(mem["x"][:8])
+
+    drawn, meta = [], []
+    sample = part.memory.sample
+    def recorded_sample(*a):
+        slots, valid = sample(*a)
+        drawn.append(np.asarray(slots))
+        return slots, valid
+
+    monkeypatch.setattr(part.memory, "sample", recorded_sample)
+    update = jl.meta_update
+    monkeypatch.setattr(jl, "meta_update", lambda *a: (meta.append(np.asarray(a[8])), update(*a))[1])
+    for i in range(12):  # the same state, a different step key each time
+        jl.train_step((*carry[:3], jax.random.PRNGKey(100 + i)), jnp.arange(8, 16), None, x, y, t, mask)
+    versions = {}
+    for slots, mx in zip(drawn, meta):
+        for row, s in zip(mx[8:], slots):
+            versions.setdefault(int(s), set()).add(window_index(row, stored[s]))
+    # 48 replays of 8 stored samples: each replayed row is a window of its stored image, and
+    # the windows vary from one replay to the next.
+    assert sum(len(v) for v in versions.values()) >= 2 * len(versions), versions
+
+
 # -- point: DER++ runs each memory batch through a forward pass of its own ----------------------------
 
 def conv_batch_stats(learner, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

@@ -65,10 +65,13 @@ class BackboneConfig:
     # Output units; null takes what the stream needs (10 for MNIST class/domain-IL).
     num_classes: Optional[int] = None
     dropout: float = 0.0
+    # mlp: the hidden layers' nonlinearity, relu or tanh (some reference MLPs use tanh).
+    activation: str = "relu"
     # cnn: output channels of each conv block.
     channels: List[int] = field(default_factory=lambda: [32, 64])
     # Weight initialisation: default (PyTorch's: U(+-1/sqrt(fan_in)) for weights and biases) or
-    # xavier_uniform (Glorot: U(+-sqrt(6 / (fan_in + fan_out))) weights, zero biases; GEM's MLP).
+    # xavier_uniform (Glorot: U(+-sqrt(6 / (fan_in + fan_out))) weights, zero biases; GEM's MLP) or
+    # kaiming_normal (He: N(0, 2 / fan_in) weights, zero biases; La-MAML's model/meta/learner.py:72-77).
     init: str = "default"
     # Output layer: fixed (one layer over every unit), incremental (class-IL, domain-IL: units added
     # when new classes appear) or multihead (task-IL: a head added per task); torch backend.
@@ -84,6 +87,29 @@ class BackboneConfig:
 
 
 @dataclass
+class ScheduleConfig:
+    """The learning rate inside each task, set at the start of every epoch (epoch e from 0 of
+    the task's E epochs) as a factor of the task's learning rate (``OptimizerConfig``). The
+    schedule starts again with every task, as a scheduler rebuilt per task does (Mammoth's
+    get_scheduler)."""
+
+    # constant | multistep (x gamma at each milestone: torch's MultiStepLR stepped per epoch) |
+    # cosine (eta_min + (lr - eta_min) (1 + cos(pi e' / E')) / 2 with e' = e - warmup_epochs,
+    # E' = E - warmup_epochs: torch's CosineAnnealingLR with T_max = E', stepped per epoch).
+    name: str = "constant"
+    # multistep: the epochs (from 0, ascending) from which the rate is multiplied by gamma once more.
+    milestones: List[int] = field(default_factory=list)
+    gamma: float = 0.1
+    # cosine: the rate the cosine reaches at epoch E (absolute, like torch's eta_min).
+    eta_min: float = 0.0
+    # Linear warm-up over the task's first epochs: epoch e < warmup_epochs runs at
+    # warmup_start + (1 - warmup_start) * e / warmup_epochs of the rate (GDumb's one epoch at a
+    # tenth of the rate is warmup_epochs=1, warmup_start=0.1); the schedule above runs after it.
+    warmup_epochs: int = 0
+    warmup_start: float = 0.1
+
+
+@dataclass
 class OptimizerConfig:
     type: str = "sgd"
     lr: float = 0.01
@@ -91,9 +117,17 @@ class OptimizerConfig:
     weight_decay: float = 0.0
     nesterov: bool = False
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    # The learning rate of task t is lr * lr_decay ** t (Stable SGD / SequeL convention).
+    # The learning rate of task t (t from 0) is max(lr * lr_decay ** (t + lr_decay_offset), lr_min)
+    # (Stable SGD / SequeL convention); lr_decay_offset 1 decays the first task already (Stable
+    # SGD counts its tasks from 1).
     lr_decay: float = 1.0
+    lr_decay_offset: int = 0
     lr_min: float = 0.0
+    # Start the optimizer afresh (momentum buffers, Adam's moments and step count cleared, as a
+    # newly built optimizer has them): never, at the start of every task, or of every epoch.
+    reset: str = "never"
+    # The learning rate inside each task (per epoch): see ScheduleConfig.
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     # Clip the global gradient norm to this value (null: no clipping).
     grad_clip_norm: Optional[float] = None
     # Clip each gradient element to [-grad_clip_value, grad_clip_value] (null: no clipping), as

@@ -145,7 +145,14 @@ def _check_values(cfg: Any) -> None:
 
     rotation_jitter_mode(cfg.benchmark.rotation_jitter)
     one_of("training.eval_on", cfg.training.eval_on, ("all", "seen"))
-    one_of("backbone.init", cfg.backbone.init, ("default", "xavier_uniform"))
+    one_of("backbone.init", cfg.backbone.init, ("default", "xavier_uniform", "kaiming_normal"))
+    one_of("backbone.activation", cfg.backbone.activation, ("relu", "tanh"))
+    if cfg.backbone.activation != "relu" and cfg.backbone.type != "mlp":
+        raise ConfigError(f"config key 'backbone.activation' chooses the MLP's nonlinearity; backbone "
+                          f"'{cfg.backbone.type}' always uses relu. Set backbone.activation=relu.")
+    from cl_runner.core.schedule import check_optimizer
+
+    check_optimizer(cfg.optimizer, one_of, ConfigError)
     positive("benchmark.num_tasks", cfg.benchmark.num_tasks, allow_none=True)
     positive("benchmark.batch_size", cfg.benchmark.batch_size)
     positive("benchmark.eval_batch_size", cfg.benchmark.eval_batch_size)
@@ -238,6 +245,27 @@ def _check_algo_values(algo, algo_name: str) -> None:
             check(algo)
 
 
+def _apply_algo_settings(typed, algo_cls, warnings: list[str]) -> None:
+    """Write the algorithm keys that stand for other sections' keys (the schema's ``replaces``:
+    algo key -> "section.key") into those sections, before anything reads them: the run, its
+    threads and seeds, and results.json's config then all see the values that are used. A key
+    set to null leaves its section's value. When the section's value was set away from its
+    default to something else, a warning says which value wins."""
+    replaces = getattr(algo_cls, "replaces", None) or {}
+    defaults = RunConfig()
+    for key, target in replaces.items():
+        value = typed.algo[key]
+        if value is None:
+            continue
+        section, name = target.split(".")
+        current = typed[section][name]
+        default = getattr(getattr(defaults, section), name)
+        if current != value and current != default:
+            warnings.append(f"algo.{key}={value} replaces {target}={current} for algo={typed.algo.name}; "
+                            f"set algo.{key}=null to use {target}.")
+        typed[section][name] = value
+
+
 def _check_scenario(cfg) -> None:
     """An algorithm runs only in the scenarios its method defines."""
     scenario = cfg.benchmark.scenario or BENCHMARKS.get(cfg.benchmark.name).default_scenario
@@ -316,8 +344,9 @@ def validate_config(cfg: DictConfig | dict) -> tuple[DictConfig, list[str]]:
         typed = OmegaConf.merge(schema, raw)
     except OmegaConfBaseException as ex:
         raise _type_error(ex) from None
-    _check_values(typed)
     _check_algo_values(typed.algo, algo_name)
+    _apply_algo_settings(typed, algo_cls, warnings)
+    _check_values(typed)
     _check_scenario(typed)
     _check_eval_task_il(typed)
     return typed, warnings

@@ -42,6 +42,7 @@ from cl_runner.backends.jax.backbones import build_backbone, init_params
 from cl_runner.backends.jax.heads import build_head, refresh_tables
 from cl_runner.backends.jax.optim import build_optimizer, get_lr, set_lr, task_lr
 from cl_runner.core.learner import Learner
+from cl_runner.core.schedule import epoch_lr, has_schedule
 from cl_runner.errors import ConfigError, TrainingDivergedError
 from cl_runner.registry import ALGORITHMS
 
@@ -182,7 +183,8 @@ class JaxLearner(Learner):
         self.params = self.put(init_params(self.model, stream.input_shape, seed,
                                            getattr(cfg.backbone, "init", "default")))
         self.tx = build_optimizer(cfg.optimizer)
-        self.opt_state = self.put(set_lr(jax.jit(self.tx.init)(self.params), float(cfg.optimizer.lr)))
+        self._opt_init = jax.jit(self.tx.init)
+        self.opt_state = self.put(set_lr(self._opt_init(self.params), float(cfg.optimizer.lr)))
         self.key = self.put(jax.random.PRNGKey(seed))  # shuffling and dropout
         self.batch_size = int(cfg.benchmark.batch_size)
         self.eval_batch_size = int(cfg.benchmark.eval_batch_size)
@@ -298,6 +300,20 @@ class JaxLearner(Learner):
         self.train_t = self.put(np.asarray(tid).astype(np.int32)) if self.masks else None
         for p in self.parts:
             p.on_before_task(task)
+
+    def on_before_epoch(self, task, epoch: int) -> None:
+        """``optimizer.reset``: the optimizer state built afresh (momentum, Adam's moments and
+        step count: what ``tx.init`` gives) at every task or epoch, keeping the rate;
+        ``optimizer.schedule``: the epoch's rate, from the rate the task started with (after
+        every ``on_before_task`` hook). Both are values of the state: no recompilation."""
+        opt = self.cfg.optimizer
+        if epoch == 0:
+            self.task_start_lr = get_lr(self.opt_state)
+        if opt.reset == "epoch" or (opt.reset == "task" and epoch == 0):
+            self.opt_state = set_lr(self.put(self._opt_init(self.params)), get_lr(self.opt_state))
+        if has_schedule(opt.schedule):
+            self.opt_state = set_lr(self.opt_state, epoch_lr(self.task_start_lr, opt.schedule, epoch,
+                                                             int(self.cfg.training.epochs_per_task)))
 
     def on_after_training(self, task) -> None:
         for p in self.parts:

@@ -1,9 +1,9 @@
-"""Optimizers for the JAX backend (optax) and the per-task learning-rate schedule.
+"""Optimizers for the JAX backend (optax); the rate of each task and epoch is cl_runner/core/schedule.py's.
 
 Each optimizer is built with ``optax.inject_hyperparams``, so the learning rate is a value in the
 optimizer *state* (``state.hyperparams["learning_rate"]``), passed into the compiled epoch like
-the parameters: changing it between tasks (``optimizer.lr_decay``) costs no recompilation and
-cannot be frozen at its first value.
+the parameters: changing it between tasks (``optimizer.lr_decay``) or epochs
+(``optimizer.schedule``) costs no recompilation and cannot be frozen at its first value.
 
 The update rules are PyTorch's:
 
@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from cl_runner.core.schedule import task_lr  # noqa: F401  (re-exported: the per-task rate)
 from cl_runner.errors import ConfigError
 from cl_runner.registry import OPTIMIZERS
 
@@ -81,11 +82,6 @@ def adam(cfg) -> optax.GradientTransformation:
 
 def build_optimizer(cfg) -> optax.GradientTransformation:
     return OPTIMIZERS.get(cfg.type, backend="jax")(cfg)
-
-
-def task_lr(cfg, task_index: int) -> float:
-    """Learning rate for task ``task_index`` (from 0): lr * lr_decay ** t, at least lr_min."""
-    return max(cfg.lr * cfg.lr_decay ** task_index, cfg.lr_min)
 
 
 def get_lr(opt_state) -> float:

@@ -27,20 +27,25 @@ class Backbone(nn.Module):
         return self.head(self.features(x))
 
 
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
+
+
 @BACKBONES.register("mlp", backend="torch")
 def mlp(cfg, input_shape, num_outputs: int) -> Backbone:
-    """Linear + ReLU (+ dropout) layers, then the head. ``batch_norm``: every linear layer without
-    a bias and followed by ``BatchNorm1d``, the output layer too (a ``Sequential`` head):
+    """Linear + activation (``activation``: ReLU or tanh) (+ dropout) layers, then the head.
+    ``batch_norm``: every linear layer without a bias and followed by ``BatchNorm1d``, the output
+    layer too (a ``Sequential`` head):
     GDumb's MNIST MLP (drimpossible/GDumb src/models/mnist/mlp.py and src/models/layers.py
     FCBlock / FinalBlock)."""
     bn = bool(getattr(cfg, "batch_norm", False))
     layers: list[nn.Module] = [nn.Flatten()]
     width_in = int(math.prod(input_shape))
+    activation = ACTIVATIONS[getattr(cfg, "activation", "relu")]
     for _ in range(cfg.n_hidden_layers):
         if bn:
-            layers += [nn.Linear(width_in, cfg.width, bias=False), nn.BatchNorm1d(cfg.width), nn.ReLU()]
+            layers += [nn.Linear(width_in, cfg.width, bias=False), nn.BatchNorm1d(cfg.width), activation()]
         else:
-            layers += [nn.Linear(width_in, cfg.width), nn.ReLU()]
+            layers += [nn.Linear(width_in, cfg.width), activation()]
         if cfg.dropout > 0:
             layers.append(nn.Dropout(cfg.dropout))
         width_in = cfg.width
@@ -72,6 +77,8 @@ def build_backbone(cfg, input_shape, num_outputs: int) -> Backbone:
         model.head = make_head(head, model.feature_dim, num_outputs, getattr(cfg, "init", "default"))
     if getattr(cfg, "init", "default") == "xavier_uniform":
         xavier_init(model)
+    elif getattr(cfg, "init", "default") == "kaiming_normal":
+        kaiming_init(model)
     return model
 
 
@@ -80,6 +87,16 @@ def xavier_init(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def kaiming_init(model: nn.Module) -> None:
+    """He-normal weights (N(0, 2 / fan_in): ``nn.init.kaiming_normal_``'s defaults) and zero biases
+    for every linear and convolutional layer."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.kaiming_normal_(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 

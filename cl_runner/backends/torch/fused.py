@@ -3,7 +3,7 @@
 At the batch sizes of the MNIST continual-learning protocols (10 samples), an eager PyTorch step
 spends most of its time in the framework, not in arithmetic: building the autograd graph, running
 the engine, and ``torch.optim.SGD.step``'s bookkeeping. For a backbone made only of linear layers,
-ReLUs and dropout, the backward pass is a few matrix products, so :class:`FusedMLPStep` computes
+ReLUs (or tanh) and dropout, the backward pass is a few matrix products, so :class:`FusedMLPStep` computes
 the forward pass, the cross-entropy loss and every parameter's gradient directly, with the same
 ATen kernels autograd would call (``addmm``, ``threshold_backward``, ``nll_loss_backward``,
 ``_log_softmax_backward_data`` ...), and writes the gradients to ``p.grad``. Everything after
@@ -37,6 +37,7 @@ def _direct(overload):
 
 
 _threshold_backward = _direct(aten.threshold_backward.default)
+_tanh_backward = _direct(aten.tanh_backward.default)
 _nll_loss_forward = _direct(aten.nll_loss_forward.default)
 _nll_loss_backward = _direct(aten.nll_loss_backward.default)
 _log_softmax_backward = _direct(aten._log_softmax_backward_data.default)
@@ -46,11 +47,12 @@ _IGNORE_INDEX = -100
 
 
 class FusedMLPStep:
-    """Forward, loss and gradients of ``Backbone(features=[Flatten, (Linear, ReLU, Dropout?)*],
+    """Forward, loss and gradients of ``Backbone(features=[Flatten, (Linear, ReLU|Tanh, Dropout?)*],
     head=Linear)`` for one batch. Use :meth:`for_model` (None where the model has another shape)."""
 
-    def __init__(self, hidden: list[tuple[nn.Linear, nn.Dropout | None]], head: nn.Linear):
+    def __init__(self, hidden: list[tuple[nn.Linear, nn.Dropout | None]], head: nn.Linear, tanh: bool = False):
         self.hidden = hidden
+        self.tanh = tanh  # the hidden layers' nonlinearity: tanh, else ReLU
         self.head = head
         self.params = [p for lin, _ in (*hidden, (head, None)) for p in (lin.weight, lin.bias)]
         # Post-accumulate-grad hooks (e.g. SI reading the data loss's gradient) run as autograd
@@ -69,19 +71,23 @@ class FusedMLPStep:
         if modules and type(modules[0]) is nn.Flatten and modules[0].start_dim == 1 and modules[0].end_dim == -1:
             modules = modules[1:]
         hidden: list[tuple[nn.Linear, nn.Dropout | None]] = []
+        kinds = set()
         i = 0
         while i < len(modules):
             lin = modules[i]
             if type(lin) is not nn.Linear or lin.bias is None or i + 1 >= len(modules) \
-                    or type(modules[i + 1]) is not nn.ReLU:
+                    or type(modules[i + 1]) not in (nn.ReLU, nn.Tanh):
                 return None
+            kinds.add(type(modules[i + 1]))
             i += 2
             drop = None
             if i < len(modules) and type(modules[i]) is nn.Dropout:
                 drop = modules[i]
                 i += 1
             hidden.append((lin, drop))
-        step = cls(hidden, head)
+        if len(kinds) > 1:
+            return None
+        step = cls(hidden, head, tanh=kinds == {nn.Tanh})
         # The model's parameters must be exactly these (in this order), all trainable.
         if [id(p) for p in model.parameters()] != [id(p) for p in step.params] or \
                 not all(p.requires_grad for p in step.params):
@@ -97,7 +103,8 @@ class FusedMLPStep:
         a = x.reshape(x.shape[0], -1)
         saved = []
         for lin, drop in self.hidden:
-            h = torch.addmm(lin.bias, a, lin.weight.t()).relu_()
+            h = torch.addmm(lin.bias, a, lin.weight.t())
+            h = h.tanh_() if self.tanh else h.relu_()
             noise = None
             if drop is not None and drop.training and drop.p > 0:
                 out, noise = _dropout(h, drop.p)
@@ -121,7 +128,7 @@ class FusedMLPStep:
             d = g.mm(weight)
             if noise is not None:
                 d = _dropout_backward(d, noise, drop.p)
-            g = _threshold_backward(d, h, 0)
+            g = _tanh_backward(d, h) if self.tanh else _threshold_backward(d, h, 0)
             self._set_grads(lin, g, a_in, accumulate)
             weight = lin.weight
 

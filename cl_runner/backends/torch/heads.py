@@ -52,6 +52,9 @@ class GrowingHead(nn.Module):
         if self.init == "xavier_uniform":
             nn.init.xavier_uniform_(chunk.weight)
             nn.init.zeros_(chunk.bias)
+        elif self.init == "kaiming_normal":
+            nn.init.kaiming_normal_(chunk.weight)
+            nn.init.zeros_(chunk.bias)
         self.register_buffer(f"units_{len(self.chunks)}", units.clone())
         self.chunks.append(chunk)
         self.owned[units] = True

@@ -28,6 +28,7 @@ from cl_runner.backends.torch.heads import add_missing_params, grow_head, releas
 from cl_runner.backends.torch import update as update_paths
 from cl_runner.backends.torch.optim import build_optimizer, set_lr, task_lr
 from cl_runner.core.learner import Learner
+from cl_runner.core.schedule import epoch_lr, has_schedule
 from cl_runner.errors import ConfigError, TrainingDivergedError
 from cl_runner.registry import ALGORITHMS
 
@@ -162,6 +163,20 @@ class TorchLearner(Learner):
         for p in self.parts:
             p.on_before_task(task)
         self.choose_step()
+
+    def on_before_epoch(self, task, epoch: int) -> None:
+        """``optimizer.reset``: a fresh optimizer state (momentum buffers, Adam's moments and step
+        count cleared: what a newly built optimizer has) at every task or epoch;
+        ``optimizer.schedule``: the epoch's rate, from the rate the task started with (after
+        every ``on_before_task`` hook, so an algorithm's own per-task factor is kept)."""
+        opt = self.cfg.optimizer
+        if epoch == 0:
+            self.task_start_lr = float(self.optimizer.param_groups[0]["lr"])
+        if opt.reset == "epoch" or (opt.reset == "task" and epoch == 0):
+            self.optimizer.state.clear()
+        if has_schedule(opt.schedule):
+            set_lr(self.optimizer, epoch_lr(self.task_start_lr, opt.schedule, epoch,
+                                            int(self.cfg.training.epochs_per_task)))
 
     def choose_step(self) -> None:
         """Take the fused MLP step (fused.py) where the model (as it is now) is a plain MLP and

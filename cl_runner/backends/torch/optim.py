@@ -1,9 +1,10 @@
-"""Optimizers for the PyTorch backend and the per-task learning-rate schedule."""
+"""Optimizers for the PyTorch backend; the rate of each task and epoch is cl_runner/core/schedule.py's."""
 
 from __future__ import annotations
 
 import torch
 
+from cl_runner.core.schedule import task_lr  # noqa: F401  (re-exported: the per-task rate)
 from cl_runner.registry import OPTIMIZERS
 
 
@@ -21,11 +22,6 @@ def adam(params, cfg) -> torch.optim.Optimizer:
 
 def build_optimizer(params, cfg) -> torch.optim.Optimizer:
     return OPTIMIZERS.get(cfg.type, backend="torch")(params, cfg)
-
-
-def task_lr(cfg, task_index: int) -> float:
-    """Learning rate for task ``task_index`` (from 0): lr * lr_decay ** t, at least lr_min."""
-    return max(cfg.lr * cfg.lr_decay ** task_index, cfg.lr_min)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

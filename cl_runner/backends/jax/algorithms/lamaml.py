@@ -2,27 +2,31 @@
 Learning", NeurIPS) on the JAX backend.
 
 The method is the PyTorch backend's (``cl_runner/backends/torch/algorithms/lamaml.py``, whose
-docstring states it in full): every weight tensor has a learnable learning-rate tensor alpha of
-its shape (initialised to ``lr_alpha``); for each incoming batch b, ``glances`` times, the
-meta-batch is b (shuffled) joined with ``replay_batch_size`` samples of a reservoir memory of
-``mem_size`` samples; b is split into ``n_inner_updates`` pieces (``torch.tensor_split``'s
-sizes), the fast weights take one SGD step per piece with the rates alpha (gradients clipped
-element-wise to +-``grad_clip_norm``; constants with ``second_order: false``, differentiated
-through otherwise), the meta-loss is the meta-batch loss averaged over the fast weights after each
-inner step, its gradients with respect to theta and alpha are each clipped to global norm
-``grad_clip_norm``, then alpha <- alpha - lr_alpha grad_alpha (``learn_lr``) and
-theta <- theta - relu(alpha) grad_theta (``sync_update: false``) or the configured optimizer's
-step on grad_theta (``sync_update: true``). The incoming batch enters the memory after its
-glances, during each task's first epoch only. In task-IL each loss uses its samples' task units.
+docstring states it in full with the reference's lines): every weight tensor has a learnable
+learning-rate tensor alpha of its shape (initialised to ``alpha_init``); for each incoming batch
+b, ``glances`` times, the meta-batch is b (shuffled) joined with ``replay_batch_size`` samples of
+a reservoir memory of ``mem_size`` samples; the fast weights take one SGD step per sample of b
+(``n_inner_updates: null``; k: per piece of ``torch.tensor_split``'s sizes) with the rates
+relu(alpha) (gradients clipped element-wise to +-``inner_grad_clip`` when it is set; constants
+with ``second_order: false``, differentiated through otherwise), the meta-loss is the meta-batch
+loss averaged over the fast weights after each inner step, its gradients with respect to theta
+and alpha are each clipped to global norm ``grad_clip_norm``, then alpha <- alpha - lr_alpha
+grad_alpha (``learn_lr``) and theta <- theta - relu(alpha) grad_theta (``sync_update: false``) or
+the configured optimizer's step on grad_theta (``sync_update: true``). The incoming batch enters
+the memory after its first glance (whose meta-batch was drawn before), during each task's first
+epoch only; with ``benchmark.augment`` it is stored as it was before augmentation and every
+replayed sample is augmented afresh (a key of its own per glance). In task-IL each loss uses
+its samples' task units.
 
 Compilation: an epoch is one compiled program (the learner's ``lax.scan`` over batches); inside
-a step the glances are a ``lax.scan`` and the inner updates an unrolled loop. alpha, the memory,
-its PRNG key, the task id and the "first epoch" flag are the part's state (arguments). The
-padded last batch of an epoch (when the set size is not a multiple of the batch size) is split
-like PyTorch's smaller last batch: its real samples are shuffled to the front and split into
-min(n_inner_updates, real samples) pieces; pieces beyond that count take no inner step and add
-no meta-loss term (their forward passes still run: a padded batch costs as much as a full one).
-The inner forward passes run on the whole batch with the other pieces' samples weighted 0
+a step come the first glance, the memory insertion, then the other glances as a ``lax.scan``,
+and the inner updates are an unrolled loop. alpha, the memory, its PRNG key, the task id and the
+"first epoch" flag are the part's state (arguments). The padded last batch of an epoch (when the
+set size is not a multiple of the batch size) is split like PyTorch's smaller last batch: its
+real samples are shuffled to the front and split into min(n_inner_updates, real samples) pieces
+(one per real sample with n_inner_updates null); pieces beyond that count take no inner step and
+add no meta-loss term (their forward passes still run: a padded batch costs as much as a full
+one). The inner forward passes run on the whole batch with the other pieces' samples weighted 0
 (the piece boundaries move with the number of real samples); for the small batches La-MAML uses
 (10 in the paper) this costs little next to the meta-batch passes.
 
@@ -42,7 +46,7 @@ import optax
 
 from cl_runner.backends.jax.augment import random_crop_flip
 from cl_runner.backends.jax.learner import JaxLearner, Part, cross_entropy
-from cl_runner.backends.jax.memory import INSERT, SAMPLE, ReplayMemory, check_no_batch_norm, derived_seed
+from cl_runner.backends.jax.memory import AUGMENT, INSERT, SAMPLE, ReplayMemory, check_no_batch_norm, derived_seed
 from cl_runner.errors import ConfigError
 from cl_runner.registry import ALGORITHMS
 
@@ -81,7 +85,7 @@ class LaMAMLPart(Part):
                                    num_tasks=learner.stream.num_tasks, num_outputs=learner.num_outputs())
         self.replay_batch_size = int(cfg.replay_batch_size or learner.batch_size)
         self.state = learner.put({
-            "alpha": tmap(lambda p: np.full(p.shape, float(cfg.lr_alpha), np.float32), learner.params),
+            "alpha": tmap(lambda p: np.full(p.shape, float(cfg.alpha_init), np.float32), learner.params),
             "memory": self.memory.init(),
             "key": jax.random.PRNGKey(derived_seed(learner.seed, 7331)),
             "task": np.zeros((), np.int32),
@@ -112,9 +116,11 @@ class LaMAML(JaxLearner):
         super().__init__(cfg, stream, device, seed)
         algo = cfg.algo
         self.glances = int(algo.glances)
-        self.n_inner = int(algo.n_inner_updates)
+        # None: one inner step per sample (the batch size, as the pieces' upper bound)
+        self.n_inner = int(algo.n_inner_updates) if algo.n_inner_updates is not None else None
         self.second_order = bool(algo.second_order)
         self.clip = float(algo.grad_clip_norm) if algo.grad_clip_norm else None
+        self.inner_clip = float(algo.inner_grad_clip) if algo.inner_grad_clip else None
         self.learn_lr = bool(algo.learn_lr)
         self.lr_alpha = float(algo.lr_alpha)
         self.sync_update = bool(algo.sync_update)
@@ -122,6 +128,15 @@ class LaMAML(JaxLearner):
     @property
     def part(self) -> LaMAMLPart:
         return self.parts[0]
+
+    def glance_order(self, key, w):
+        """The order of the incoming batch in one glance (traced): its real samples (weight > 0)
+        in random order, then the padding."""
+        return jnp.argsort(jax.random.uniform(key, w.shape) + 2.0 * (w <= 0))
+
+    def pieces_max(self, batch: int) -> int:
+        """The most inner steps a batch of ``batch`` samples takes (one per sample by default)."""
+        return batch if self.n_inner is None else min(self.n_inner, batch)
 
     def train_epoch(self, task, epoch: int) -> dict:
         self.part.set_first_epoch(epoch == 0)
@@ -140,8 +155,8 @@ class LaMAML(JaxLearner):
         """One La-MAML update from the incoming batch (x, y, t) split into pieces (``piece``:
         each sample's piece index, ``k`` the number of pieces) and the meta-batch (mx, my, mt,
         weights mw). Returns (params, alpha, opt_state, meta-loss)."""
-        clip = self.clip
-        k_max = min(self.n_inner, x.shape[0])
+        clip, inner_clip = self.clip, self.inner_clip
+        k_max = self.pieces_max(x.shape[0])
         kf = k.astype(jnp.float32)
         keys = jax.random.split(key, 2 * k_max)
         dk = (lambda i: keys[i]) if self.dropout else (lambda i: None)
@@ -149,9 +164,12 @@ class LaMAML(JaxLearner):
         def inner_grad(fast, j):
             w = (piece == j).astype(jnp.float32)
             g = jax.grad(self._loss)(fast, x, y, t, w, mask_table, dk(2 * j))
-            return tmap(lambda a: jnp.clip(a, -clip, clip), g) if clip else g
+            return tmap(lambda a: jnp.clip(a, -inner_clip, inner_clip), g) if inner_clip else g
 
         if not self.second_order:
+            # d theta_i / d alpha = -(g_1 + ... + g_i) * relu'(alpha): the sum is accumulated, the
+            # gate (alpha > 0) applied once at the end.
+            rate = tmap(jax.nn.relu, alpha)
             fast = params
             g_sum = tmap(jnp.zeros_like, params)
             g_theta = tmap(jnp.zeros_like, params)
@@ -161,14 +179,14 @@ class LaMAML(JaxLearner):
                 on = (j < k).astype(jnp.float32)
                 g = inner_grad(fast, j)
                 g_sum = tmap(jnp.add, g_sum, g)
-                fast = tmap(lambda f, a, gi: f - a * gi, fast, alpha, g)
+                fast = tmap(lambda f, r, gi: f - r * gi, fast, rate, g)
                 meta_loss, g_meta = jax.value_and_grad(self._loss)(fast, mx, my, mt, mw, mask_table,
                                                                    dk(2 * j + 1))
                 g_theta = tmap(lambda s, gm: s + on * gm, g_theta, g_meta)
                 g_alpha = tmap(lambda s, gs, gm: s - on * gs * gm, g_alpha, g_sum, g_meta)
                 total = total + on * meta_loss
             g_theta = tmap(lambda g: g / kf, g_theta)
-            g_alpha = tmap(lambda g: g / kf, g_alpha)
+            g_alpha = tmap(lambda g, a: jnp.where(a > 0, g / kf, 0.0), g_alpha, alpha)
             meta = total / kf
         else:
             def objective(theta, a):
@@ -177,7 +195,7 @@ class LaMAML(JaxLearner):
                 for j in range(k_max):
                     on = (j < k).astype(jnp.float32)
                     g = inner_grad(fast, j)
-                    fast = tmap(lambda f, ai, gi: f - ai * gi, fast, a, g)
+                    fast = tmap(lambda f, ai, gi: f - jax.nn.relu(ai) * gi, fast, a, g)
                     total = total + on * self._loss(fast, mx, my, mt, mw, mask_table, dk(2 * j + 1))
                 return total / kf
 
@@ -198,6 +216,7 @@ class LaMAML(JaxLearner):
         part = self.part
         st = part_states[0]
         xb, yb = x[batch], y[batch]
+        x_raw = xb  # what the memory stores: the batch before benchmark.augment
         if self._augment is not None:
             key, augment_key = jax.random.split(key)
             xb = random_crop_flip(augment_key, xb, *self._augment)
@@ -205,20 +224,20 @@ class LaMAML(JaxLearner):
         bs = yb.shape[0]
         w = jnp.ones(bs, jnp.float32) if weights is None else weights
         n_real = jnp.sum((w > 0).astype(jnp.int32))
-        k_max = min(self.n_inner, bs)
+        k_max = self.pieces_max(bs)
         piece, k = piece_ids(n_real, bs, k_max)
-        mem = st["memory"]
         key, step_key = jax.random.split(key)
 
-        def glance(c, gkey):
+        def glance(c, gkey, mem):
             params, alpha, opt_state = c
             k_perm, k_mem, k_meta = jax.random.split(gkey, 3)
-            # The batch's real samples in random order, then the padding.
-            order = jnp.argsort(jax.random.uniform(k_perm, (bs,)) + 2.0 * (w <= 0))
+            order = self.glance_order(k_perm, w)
             xg, yg, wg = xb[order], yb[order], w[order]
             tg = tb[order] if tb is not None else None
             slots, valid = part.memory.sample(mem, jax.random.fold_in(k_mem, SAMPLE), part.replay_batch_size)
             sx, sy, st_, _ = part.memory.get(mem, slots, valid, st["mask_table"])
+            if self._augment is not None:  # a fresh crop and flip of each replayed sample
+                sx = random_crop_flip(jax.random.fold_in(k_mem, AUGMENT + SAMPLE), sx, *self._augment)
             mx = jnp.concatenate([xg, sx.astype(xg.dtype)])
             my = jnp.concatenate([yg, sy.astype(yg.dtype)])
             mt = jnp.concatenate([tg, st_.astype(tg.dtype)]) if tg is not None else None
@@ -227,14 +246,20 @@ class LaMAML(JaxLearner):
                                                               mx, my, mt, mw, mask_table, k_meta)
             return (params, alpha, opt_state), meta
 
-        (params, alpha, opt_state), metas = jax.lax.scan(
-            glance, (params, st["alpha"], opt_state), jax.random.split(step_key, self.glances))
+        glance_keys = jax.random.split(step_key, self.glances)
+        carry_g, meta = glance((params, st["alpha"], opt_state), glance_keys[0], st["memory"])
         mem_key, insert_key = jax.random.split(st["key"])
 
         def insert(m):
-            return part.memory.insert(m, jax.random.fold_in(insert_key, INSERT), xb, yb, st["task"], w > 0)
+            return part.memory.insert(m, jax.random.fold_in(insert_key, INSERT), x_raw, yb, st["task"], w > 0)
 
-        mem = jax.lax.cond(st["first_epoch"], insert, lambda m: m, mem)
+        # The batch enters the memory after the first glance drew its meta-batch, so the later
+        # glances may replay it (the reference pushes it during its first glance).
+        mem = jax.lax.cond(st["first_epoch"], insert, lambda m: m, st["memory"])
+        if self.glances > 1:
+            carry_g, metas = jax.lax.scan(lambda c, gk: glance(c, gk, mem), carry_g, glance_keys[1:])
+            meta = metas[-1]
+        params, alpha, opt_state = carry_g
         new_st = {**st, "alpha": alpha, "memory": mem, "key": mem_key}
         part_states = (new_st, *part_states[1:])
-        return (params, opt_state, part_states, key), metas[-1]
+        return (params, opt_state, part_states, key), meta

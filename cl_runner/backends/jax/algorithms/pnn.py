@@ -138,6 +138,9 @@ class PNN(JaxLearner):
             raise ConfigError(f"pnn builds MLP columns; backbone.type={bb.type} is not supported, use backbone=mlp.")
         if bb.n_hidden_layers < 1:
             raise ConfigError("pnn needs at least one hidden layer per column (backbone.n_hidden_layers >= 1).")
+        if getattr(bb, "activation", "relu") != "relu":
+            raise ConfigError(f"pnn's columns use ReLU (the paper's); backbone.activation={bb.activation} "
+                              f"is not supported, use backbone.activation=relu.")
         if (getattr(bb, "head", "fixed") or "fixed") != "fixed":
             raise ConfigError(f"pnn has an output layer per column already; use backbone.head=fixed "
                               f"(got {bb.head}).")

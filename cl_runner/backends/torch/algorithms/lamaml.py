@@ -1,31 +1,45 @@
 """La-MAML (Gupta, Yadav & Paull 2020, "La-MAML: Look-ahead Meta Learning for Continual
-Learning", NeurIPS), Algorithm 1.
+Learning", NeurIPS), Algorithm 1, as the authors' MNIST code runs it (montrealrobotics/La-MAML,
+model/lamaml.py, model/lamaml_base.py).
 
-Every weight tensor theta has a learnable learning rate tensor alpha of its shape, initialised to
-``lr_alpha``. For each incoming batch b, ``glances`` times:
+Every weight tensor theta has a learnable learning-rate tensor alpha of its shape, initialised to
+``alpha_init`` (model/meta/learner.py:283-292). For each incoming batch b, ``glances`` times
+(model/lamaml.py:61-112):
 
 1. the meta-batch is b (shuffled) joined with ``replay_batch_size`` samples drawn from a
-   reservoir memory of ``mem_size`` samples of the stream seen so far;
-2. b is split into ``n_inner_updates`` pieces b_1..b_k, and from theta_0 = theta the fast weights
-   take one SGD step per piece with the learnable rates:
-   theta_j = theta_{j-1} - alpha * clip(grad l(theta_{j-1}; b_j)),
-   the gradient clipped element-wise to [-grad_clip_norm, grad_clip_norm] (as in the paper's
-   released code); with ``second_order: false`` these gradients are constants (first-order
+   reservoir memory of ``mem_size`` samples of the stream seen so far (lamaml_base.py:82-138);
+2. from theta_0 = theta the fast weights take one SGD step per sample of b (``n_inner_updates:
+   null``; an integer k splits b into k pieces instead), with the learnable rates passed through
+   a ReLU: theta_j = theta_{j-1} - relu(alpha) * grad l(theta_{j-1}; b_j) (model/lamaml.py:37-56).
+   The inner gradients are not clipped: the reference computes ``torch.clamp`` of each and
+   discards the result (lines 51-52); ``inner_grad_clip`` clips them element-wise, as
+   lamaml_cifar.py:82-83 does. With ``second_order: false`` they are constants (first-order
    MAML), otherwise the step is differentiated through;
 3. the meta-loss L_meta = 1/k sum_{i=1..k} l(theta_i; meta-batch), the meta-batch loss averaged
-   over the fast weights after each inner step (as the paper's released code computes it; the
-   paper's Algorithm 1 writes the last term only, which on Rotated MNIST loses most of the
-   network's plasticity after a few tasks), is differentiated with respect to theta_0 and alpha;
-   each of the two gradients is clipped to global norm ``grad_clip_norm``;
+   over the fast weights after each inner step (model/lamaml.py:89-95; the paper's Algorithm 1
+   writes the last term only), is differentiated with respect to theta_0 and alpha; each of the
+   two gradients is clipped to global norm ``grad_clip_norm`` (lines 99-100);
 4. alpha <- alpha - lr_alpha * grad_alpha L_meta (when ``learn_lr``), then
    theta <- theta - relu(alpha) * grad_theta L_meta with the *updated* alpha
-   (``sync_update: false``, the paper's asynchronous update: a weight whose rate went
-   negative is not moved); with ``sync_update: true`` the weights take the configured
+   (``sync_update: false``, the paper's asynchronous update, lines 102-109: a weight whose rate
+   went negative is not moved); with ``sync_update: true`` the weights take the configured
    optimizer's step on grad_theta L_meta instead.
 
-The incoming batch enters the memory after its glances, during a task's first epoch only.
-Fast weights are evaluated with ``torch.func.functional_call``; nothing is done per sample.
-In task-IL each loss uses the sample's task units.
+The incoming batch enters the memory during its first glance, after that glance's meta-batch was
+drawn (the reference pushes each sample inside the first glance's inner loop, lamaml.py:86-87,
+and ``push_to_mem`` returns at later glances, lamaml_base.py:66-67), so the later glances can
+replay it; during a task's first epoch only. With ``benchmark.augment`` the memory keeps the
+batch as it was before augmentation and each replayed sample is augmented afresh, as clrun's
+other replay methods do and as Avalanche's La-MAML does (its reservoir keeps dataset items,
+transformed when read: avalanche/training/supervised/lamaml_v2.py:292-310,
+storage_policy.py:110-124). The authors' CIFAR code instead stores the tensor its loader has
+already augmented (dataloaders/idataset.py:111-114, class_incremental_loader.py:135-137,
+model/lamaml_cifar.py:114, 126, lamaml_base.py:60-79) and replays it unchanged; on MNIST, without
+augmentation, the two are the same. Remaining differences: a memory batch is drawn without
+replacement (the reference draws each sample uniformly, with replacement), and the reservoir is
+algorithm R (the reference draws the slot from 0..n rather than 0..n-1).
+Fast weights are evaluated with ``torch.func.functional_call``; nothing is done per sample in
+Python beyond the inner steps themselves. In task-IL each loss uses the sample's task units.
 """
 
 from __future__ import annotations
@@ -60,13 +74,14 @@ class LaMAML(TorchLearner):
                                    num_tasks=stream.num_tasks, num_outputs=self.num_outputs())
         self.replay_batch_size = int(algo.replay_batch_size or self.batch_size)
         self.names = [name for name, _ in self.model.named_parameters()]
-        self.alpha = [torch.full_like(p, float(algo.lr_alpha), requires_grad=True)
+        self.alpha = [torch.full_like(p, float(algo.alpha_init), requires_grad=True)
                       for p in self.model.parameters()]
         # Plain values: read at every meta-update.
         self.glances = int(algo.glances)
-        self.n_inner = int(algo.n_inner_updates)
+        self.n_inner = int(algo.n_inner_updates) if algo.n_inner_updates is not None else None
         self.second_order = bool(algo.second_order)
         self.clip = float(algo.grad_clip_norm) if algo.grad_clip_norm else None
+        self.inner_clip = float(algo.inner_grad_clip) if algo.inner_grad_clip else None
         self.learn_lr = bool(algo.learn_lr)
         self.lr_alpha = float(algo.lr_alpha)
         self.sync_update = bool(algo.sync_update)
@@ -90,16 +105,21 @@ class LaMAML(TorchLearner):
 
     def meta_gradients(self, x, y, t, mx, my, mt):
         """(meta-loss, grad_theta, grad_alpha) before clipping: the inner steps on the pieces of
-        (x, y, t), and the meta-loss on (mx, my, mt) averaged over the fast weights after each."""
+        (x, y, t) (one per sample with ``n_inner_updates: null``), and the meta-loss on
+        (mx, my, mt) averaged over the fast weights after each."""
         params = list(self.model.parameters())
-        pieces = torch.tensor_split(torch.arange(len(y), device=y.device), min(self.n_inner, len(y)))
-        clip = self.clip
+        n = len(y)
+        k = n if self.n_inner is None else min(self.n_inner, n)
+        pieces = torch.tensor_split(torch.arange(n, device=y.device), k)
+        clip = self.inner_clip
         k = len(pieces)
         if not self.second_order:
             # First order: the inner gradients g_j are constants, so d theta_i / d theta_0 = I and
-            # d theta_i / d alpha = -(g_1 + ... + g_i); no graph through the inner steps is needed.
+            # d theta_i / d alpha = -(g_1 + ... + g_i) * relu'(alpha), relu'(a) = 1 for a > 0, else 0;
+            # no graph through the inner steps is needed.
             fast = [p.detach().requires_grad_(True) for p in params]
             alpha = [a.detach() for a in self.alpha]
+            rate = [a.relu() for a in alpha]
             g_sum = [torch.zeros_like(p) for p in fast]
             g_theta = [torch.zeros_like(p) for p in fast]
             g_alpha = [torch.zeros_like(p) for p in fast]
@@ -112,7 +132,7 @@ class LaMAML(TorchLearner):
                     torch._foreach_clamp_max_(grads, clip)
                 torch._foreach_add_(g_sum, grads)
                 with torch.no_grad():
-                    fast = torch._foreach_sub(fast, torch._foreach_mul(alpha, grads))
+                    fast = torch._foreach_sub(fast, torch._foreach_mul(rate, grads))
                 for w in fast:
                     w.requires_grad_(True)
                 meta_loss = self.criterion(self.forward_with(fast, mx), my, mt)
@@ -122,6 +142,7 @@ class LaMAML(TorchLearner):
                 meta_total += meta_loss.detach()
             torch._foreach_div_(g_theta, k)
             torch._foreach_div_(g_alpha, k)
+            g_alpha = [g * (a > 0).to(g.dtype) for g, a in zip(g_alpha, alpha)]
             return meta_total / k, g_theta, g_alpha
         fast = params
         meta_loss = 0.0
@@ -130,7 +151,7 @@ class LaMAML(TorchLearner):
             grads = self._grads(loss, fast, create_graph=True)
             if clip:
                 grads = [g.clamp(-clip, clip) for g in grads]
-            fast = [w - a * g for w, a, g in zip(fast, self.alpha, grads)]
+            fast = [w - a.relu() * g for w, a, g in zip(fast, self.alpha, grads)]
             meta_loss = meta_loss + self.criterion(self.forward_with(fast, mx), my, mt)
         meta_loss = meta_loss / k
         grads = self._grads(meta_loss, [*params, *self.alpha])
@@ -155,21 +176,26 @@ class LaMAML(TorchLearner):
                 torch._foreach_sub_(params, torch._foreach_mul([a.relu() for a in self.alpha], g_theta))
         return meta_loss
 
+    def glance_order(self, n: int) -> torch.Tensor:
+        """The order of the incoming batch's ``n`` samples in one glance (a fresh shuffle)."""
+        return torch.randperm(n, generator=self.generator).to(self.device)
+
     def train_step(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
         meta_loss = None
-        for _ in range(self.glances):
-            perm = torch.randperm(len(y), generator=self.generator).to(self.device)
+        for glance in range(self.glances):
+            perm = self.glance_order(len(y))
             xb, yb, tb = x[perm], y[perm], (t[perm] if t is not None else None)
             idx = self.memory.sample(self.replay_batch_size)
             if idx is None:
                 mx, my, mt = xb, yb, tb
             else:
                 sx, sy, st, _ = self.memory.get(idx)
+                sx = self.replay_inputs(sx)  # benchmark.augment: a fresh crop and flip
                 mx, my = torch.cat([xb, sx]), torch.cat([yb, sy])
                 mt = torch.cat([tb, st]) if tb is not None else None
             meta_loss = self.meta_update(xb, yb, tb, mx, my, mt)
-        if self.epoch == 0:
-            self.memory.add(x, y, self.task_id)
+            if glance == 0 and self.epoch == 0:  # after the first glance's meta-batch was drawn
+                self.memory.add(self.stream_inputs(x), y, self.task_id)  # before benchmark.augment
         return meta_loss
 
     def state_dict(self):
