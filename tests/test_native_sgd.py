@@ -11,7 +11,7 @@ import torch
 from cl_runner import catalog
 
 catalog.load_backend("torch")
-from cl_runner.backends.torch import native  # noqa: E402
+from cl_runner.backends.torch import native, update  # noqa: E402
 from cl_runner.backends.torch.fused import sgd_step  # noqa: E402
 from cl_runner.backends.torch.native import NativeSGD  # noqa: E402
 from cl_runner.backends.torch.regularization import ImportanceRegularizer  # noqa: E402
@@ -144,6 +144,7 @@ def test_without_a_compiler_the_run_uses_torch(tmp_path, monkeypatch):
     monkeypatch.setattr(native, "_unavailable", None)
     monkeypatch.setenv("CLRUN_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(native, "compiler", lambda: None)
+    monkeypatch.setattr(update, "AUTO_ORDER", ("c", "foreach"))  # an order that tries C first
     assert native.library() is None
     assert "no C compiler" in native.unavailable_reason()
     assert not (tmp_path / "cache" / "native").exists() or not any((tmp_path / "cache" / "native").iterdir())

@@ -39,7 +39,7 @@ SOURCE = Path(__file__).with_name("gather.c")
 CHUNK_ROWS = 4096  # rows per job handed to a thread
 PATHS = ("c", "torch", "numpy")
 #: ``auto`` takes the first of these that this machine has (see the module's docstring).
-AUTO_ORDER = ("c", "numpy")
+AUTO_ORDER = ("torch", "numpy")
 GATHER_ENV = "CLRUN_GATHER"
 
 _lock = threading.Lock()

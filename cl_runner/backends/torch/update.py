@@ -47,7 +47,7 @@ PATHS = ("c", "numba", "compile", "fused", "foreach")
 #: ``backend.update_path=auto`` takes the first of these that this machine has. This tuple is the
 #: one switch that keeps or drops the hand-written kernel as the default (scripts/bench_kernels.py
 #: measures every path side by side on the reference experiment).
-AUTO_ORDER = ("c", "foreach")
+AUTO_ORDER = ("numba", "foreach")
 #: The fallbacks, named as results.json names them: fused.py's foreach step, or optimizer.step().
 FOREACH, OPTIM = "foreach", "optim"
 
