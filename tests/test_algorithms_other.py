@@ -268,6 +268,46 @@ def test_pnn_earlier_columns_are_frozen_and_nothing_is_forgotten(scenario):
     assert not torch.allclose(model(x, 2), out)
 
 
+def test_pnn_agem_laterals_are_the_sum_of_one_map_per_earlier_column():
+    """A-GEM's PNN (facebookresearch/agem model/model.py:445-475): column 2's layer i adds, for each
+    earlier column tt, U_w h_pnn[tt][i] + U_b, with h_pnn[tt][0] the input. Computed here map by
+    map from the blocks of clrun's concatenated weights and its per-column biases."""
+    from cl_runner.backends.torch.algorithms.pnn import ProgressiveNet
+
+    torch.manual_seed(0)
+    net = ProgressiveNet((1, 2, 2), 3, 2, 2, 0.0, "linear", from_input=True, lateral_bias=True,
+                         init="truncated_normal")
+    for _ in range(3):
+        net.add_column()
+    x = torch.rand(5, 4)
+
+    def lin(layer, h):
+        return h @ layer.weight.T + layer.bias
+
+    def by_hand(k):  # column k's hidden activations and output
+        cols = [by_hand(j) for j in range(k)]
+        c = net.columns[k]
+        acts = [x]
+        for i in range(3):  # two hidden layers, then the output layer
+            z = lin(c.layers[i], acts[-1]) if i < 2 else lin(c.out, acts[-1])
+            lat = None if k == 0 else c.input_lateral if i == 0 else c.laterals[i - 1]
+            for tt in range(k):
+                width = cols[tt][i].shape[1]
+                w_tt = lat.out.weight[:, tt * width:(tt + 1) * width]
+                z = z + cols[tt][i] @ w_tt.T + lat.bias[tt]
+            acts.append(torch.relu(z) if i < 2 else z)
+        return acts
+
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, 2), by_hand(2)[-1])
+    c2 = net.columns[2]
+    assert c2.input_lateral.out.in_features == 2 * 4 and c2.laterals[0].bias.shape == (2, 3)
+    # the truncated normal (std 0.1, cut at 2 std) and the biases of 0.1, lateral ones included
+    weights = torch.cat([m.weight.flatten() for m in net.modules() if isinstance(m, torch.nn.Linear)])
+    assert float(weights.abs().max()) <= 0.2 and 0.05 < float(weights.std()) < 0.1
+    assert torch.all(c2.layers[0].bias == 0.1) and torch.all(c2.laterals[1].bias == 0.1)
+
+
 def test_pnn_state_round_trip_and_class_il_error():
     stream = random_stream(num_tasks=3, scenario="task_il")
     learner = make_learner(stream, "pnn", algo={"lateral": "linear"})

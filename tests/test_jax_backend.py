@@ -770,3 +770,29 @@ def test_kaiming_normal_init_on_both_backends(backbone):
         assert w.size == m.weight.numel()
         for got in (w, m.weight.detach().numpy()):
             assert abs(got.std() - expected) < 0.1 * expected and abs(got.mean()) < 0.1 * expected
+
+
+@pytest.mark.parametrize("backbone", [{"type": "mlp", "width": 300},
+                                      {"type": "cnn", "channels": [8, 16], "width": 64}])
+def test_truncated_normal_init_on_both_backends(backbone):
+    """backbone.init=truncated_normal (TensorFlow's truncated_normal_initializer(stddev=0.1) and
+    constant 0.1 biases, facebookresearch/agem model/model.py:24-60): weights within 2 std = 0.2,
+    with the std of a normal cut at 2 std (0.1 * 0.8796 = 0.088), biases all 0.1, on both backends."""
+    from cl_runner.backends.jax.backbones import build_backbone as jax_build, init_params
+    from cl_runner.backends.torch.backbones import build_backbone as torch_build
+
+    cfg = typed_cfg("jax", backbone={**backbone, "init": "truncated_normal"}).backbone
+    shape = (1, 28, 28)
+    torch.manual_seed(0)
+    tmodel = torch_build(cfg, shape, 10)
+    jparams = init_params(jax_build(cfg, shape, 10), shape, 0, "truncated_normal")
+    layers = [m for m in tmodel.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    leaves = jax.tree_util.tree_flatten_with_path(jparams)[0]
+    jw = np.concatenate([np.asarray(leaf).ravel() for path, leaf in leaves if path[-1].key == "kernel"])
+    jb = np.concatenate([np.asarray(leaf).ravel() for path, leaf in leaves if path[-1].key == "bias"])
+    tw = torch.cat([m.weight.detach().flatten() for m in layers]).numpy()
+    tb = torch.cat([m.bias.detach().flatten() for m in layers]).numpy()
+    assert jw.size == tw.size and jb.size == tb.size
+    for w, b in ((jw, jb), (tw, tb)):
+        assert np.abs(w).max() <= 0.2 and abs(w.std() - 0.08796) < 0.002 and abs(w.mean()) < 0.002
+        np.testing.assert_array_equal(b, np.float32(0.1))

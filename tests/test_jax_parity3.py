@@ -13,6 +13,7 @@ jax = pytest.importorskip("jax")
 pytest.importorskip("flax")
 pytest.importorskip("optax")
 
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
 
@@ -308,26 +309,36 @@ def test_lamaml_fills_its_memory_in_first_epochs_only_with_one_program():
 
 # -- PNN ---------------------------------------------------------------------------------------------
 
+def lateral_tree(lat) -> dict:
+    e = {"out": linear_tree(lat.out, bias=False)}
+    if lat.kind == "adapter":
+        e["alpha"] = lat.alpha.detach().numpy().copy()
+        e["project"] = linear_tree(lat.project)
+    if lat.bias is not None:
+        e["bias"] = lat.bias.detach().numpy().copy()
+    return e
+
+
 def column_tree(col) -> dict:
     d = {f"layers_{i}": linear_tree(layer) for i, layer in enumerate(col.layers)}
     d["out"] = linear_tree(col.out)
     for i, lat in enumerate(col.laterals):
-        e = {"out": linear_tree(lat.out, bias=False)}
-        if lat.kind == "adapter":
-            e["alpha"] = lat.alpha.detach().numpy().copy()
-            e["project"] = linear_tree(lat.project)
-        d[f"lat_{i}"] = e
+        d[f"lat_{i}"] = lateral_tree(lat)
+    if col.input_lateral is not None:
+        d["lat_in"] = lateral_tree(col.input_lateral)
     return d
 
 
-@pytest.mark.parametrize("scenario,lateral", [("task_il", "adapter")])
-def test_pnn_matches_pytorch_step_for_step(monkeypatch, scenario, lateral):
+@pytest.mark.parametrize("scenario,lateral,agem", [("task_il", "adapter", False), ("domain_il", "linear", True)])
+def test_pnn_matches_pytorch_step_for_step(monkeypatch, scenario, lateral, agem):
     """Every PyTorch column's initial weights copied (columns are created when their task starts),
     one batch per task, SGD with momentum and weight decay: the same losses, accuracies and final
-    columns; earlier columns do not move."""
+    columns; earlier columns do not move. ``agem``: A-GEM's variant (laterals from the input too,
+    a bias per earlier column, truncated-normal init)."""
     stream = tiny_stream(num_tasks=3, scenario=scenario, n_train=16, side=6)
-    kw = dict(algo={"lateral": lateral}, benchmark={"batch_size": 16},
-              optimizer={"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01})
+    kw = dict(algo={"lateral": lateral, "lateral_from_input": agem, "lateral_bias": agem},
+              benchmark={"batch_size": 16}, optimizer={"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01},
+              backbone={"init": "truncated_normal" if agem else "default"})
     tl = torch_learner(stream, "pnn", **kw)
     cols = [column_tree(tl.model.columns[0])]
     add_column = torch_pnn.ProgressiveNet.add_column
@@ -340,7 +351,10 @@ def test_pnn_matches_pytorch_step_for_step(monkeypatch, scenario, lateral):
     monkeypatch.setattr(torch_pnn.ProgressiveNet, "add_column", record)
     ts = ContinualLoop(tl, stream, epochs_per_task=2).run()
     monkeypatch.undo()
+    assert ("lat_in" in cols[2] and "bias" in cols[2]["lat_0"]) == agem
     jl = jax_learner(stream, "pnn", **kw)
+    assert jax.tree_util.tree_structure(jl.params["columns"]["col_2"]) == \
+        jax.tree_util.tree_structure(tmap(jnp.asarray, cols[2]))
     jl.params = jl.put(tmap(jnp.asarray, {"columns": {f"col_{k}": c for k, c in enumerate(cols)}}))
     js = ContinualLoop(jl, stream, epochs_per_task=2).run()
     np.testing.assert_allclose(js.epoch_losses, ts.epoch_losses, rtol=1e-5, atol=1e-6)

@@ -83,6 +83,11 @@ class PNNConfig(AlgoConfig):
     # Lateral connections: adapter (the paper's: U sigma(V (alpha * h)), a learned scalar alpha and a
     # projection V of the earlier columns' units) or linear (U h, the basic formulation).
     lateral: str = "adapter"
+    # true: the first hidden layer also takes a lateral map of the input per earlier column
+    # (A-GEM's PNN, facebookresearch/agem model/model.py:460-466, where h_pnn[tt][0] is the input).
+    lateral_from_input: bool = False
+    # true: each earlier column's lateral map has its own bias (A-GEM's U_b), summed.
+    lateral_bias: bool = False
 
     @staticmethod
     def check(algo) -> None:

@@ -71,7 +71,9 @@ class BackboneConfig:
     channels: List[int] = field(default_factory=lambda: [32, 64])
     # Weight initialisation: default (PyTorch's: U(+-1/sqrt(fan_in)) for weights and biases) or
     # xavier_uniform (Glorot: U(+-sqrt(6 / (fan_in + fan_out))) weights, zero biases; GEM's MLP) or
-    # kaiming_normal (He: N(0, 2 / fan_in) weights, zero biases; La-MAML's model/meta/learner.py:72-77).
+    # kaiming_normal (He: N(0, 2 / fan_in) weights, zero biases; La-MAML's model/meta/learner.py:72-77) or
+    # truncated_normal (N(0, 0.1^2) weights truncated at 2 std, biases 0.1; TensorFlow's
+    # truncated_normal_initializer(stddev=0.1) as A-GEM's model/model.py:24-60 uses it).
     init: str = "default"
     # Output layer: fixed (one layer over every unit), incremental (class-IL, domain-IL: units added
     # when new classes appear) or multihead (task-IL: a head added per task); torch backend.

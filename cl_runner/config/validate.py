@@ -145,7 +145,7 @@ def _check_values(cfg: Any) -> None:
 
     rotation_jitter_mode(cfg.benchmark.rotation_jitter)
     one_of("training.eval_on", cfg.training.eval_on, ("all", "seen"))
-    one_of("backbone.init", cfg.backbone.init, ("default", "xavier_uniform", "kaiming_normal"))
+    one_of("backbone.init", cfg.backbone.init, ("default", "xavier_uniform", "kaiming_normal", "truncated_normal"))
     one_of("backbone.activation", cfg.backbone.activation, ("relu", "tanh"))
     if cfg.backbone.activation != "relu" and cfg.backbone.type != "mlp":
         raise ConfigError(f"config key 'backbone.activation' chooses the MLP's nonlinearity; backbone "

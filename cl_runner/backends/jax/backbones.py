@@ -244,12 +244,23 @@ def build_backbone(cfg, input_shape, num_outputs: int, conv_impl: str = "lax") -
     return BACKBONES.get(cfg.type, backend="jax")(cfg, tuple(input_shape), num_outputs, conv_impl=conv_impl)
 
 
+def truncated_normal(rng: np.random.Generator, std: float, shape) -> np.ndarray:
+    """N(0, std^2) draws, each one outside 2 std drawn again (TensorFlow's truncated normal)."""
+    out = rng.normal(0.0, std, shape)
+    outside = np.abs(out) > 2 * std
+    while outside.any():
+        out[outside] = rng.normal(0.0, std, int(outside.sum()))
+        outside = np.abs(out) > 2 * std
+    return out
+
+
 def init_params(model: Backbone, input_shape, seed: int, init: str = "default"):
     """The model's parameters drawn with NumPy from ``seed``, from the same distributions as the
     layers' own initialisers (U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for kernels and biases), or with
     ``init="xavier_uniform"`` Glorot-uniform kernels (U(+-sqrt(6 / (fan_in + fan_out)))) and zero
-    biases, or ``init="kaiming_normal"`` He-normal kernels (N(0, 2 / fan_in)) and zero biases, as on
-    the PyTorch backend.
+    biases, or ``init="kaiming_normal"`` He-normal kernels (N(0, 2 / fan_in)) and zero biases, or
+    ``init="truncated_normal"`` N(0, 0.1^2) kernels truncated at 2 std and biases 0.1, as on the
+    PyTorch backend.
 
     ``model.init`` would give the same distributions from a JAX key, but compiling the random
     number generation for ~10^5-10^6 values takes seconds on a CPU; this takes milliseconds.
@@ -271,6 +282,10 @@ def init_params(model: Backbone, input_shape, seed: int, init: str = "default"):
                 bound = math.sqrt(6.0 / (fan_in + receptive * shape[-1]))
                 return {name: (rng.uniform(-bound, bound, leaf.shape) if name == "kernel"
                                else np.zeros(leaf.shape)).astype(leaf.dtype)
+                        for name, leaf in node.items()}
+            if init == "truncated_normal":
+                return {name: (truncated_normal(rng, 0.1, leaf.shape) if name == "kernel"
+                               else np.full(leaf.shape, 0.1)).astype(leaf.dtype)
                         for name, leaf in node.items()}
             if init == "kaiming_normal":
                 std = math.sqrt(2.0 / fan_in) if fan_in > 0 else 0.0

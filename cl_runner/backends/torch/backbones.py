@@ -79,7 +79,20 @@ def build_backbone(cfg, input_shape, num_outputs: int) -> Backbone:
         xavier_init(model)
     elif getattr(cfg, "init", "default") == "kaiming_normal":
         kaiming_init(model)
+    elif getattr(cfg, "init", "default") == "truncated_normal":
+        truncated_normal_init(model)
     return model
+
+
+def truncated_normal_init(model: nn.Module, std: float = 0.1, bias: float = 0.1) -> None:
+    """Weights from N(0, std^2) truncated at 2 std and constant biases, for every linear and
+    convolutional layer: TensorFlow's ``truncated_normal_initializer(stddev=0.1)`` and
+    ``constant_initializer(0.1)`` (facebookresearch/agem model/model.py:24-60)."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, bias)
 
 
 def xavier_init(model: nn.Module) -> None:

@@ -55,6 +55,9 @@ class GrowingHead(nn.Module):
         elif self.init == "kaiming_normal":
             nn.init.kaiming_normal_(chunk.weight)
             nn.init.zeros_(chunk.bias)
+        elif self.init == "truncated_normal":
+            nn.init.trunc_normal_(chunk.weight, std=0.1, a=-0.2, b=0.2)
+            nn.init.constant_(chunk.bias, 0.1)
         self.register_buffer(f"units_{len(self.chunks)}", units.clone())
         self.chunks.append(chunk)
         self.owned[units] = True

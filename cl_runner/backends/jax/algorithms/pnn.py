@@ -4,13 +4,15 @@ The network is the PyTorch backend's (``cl_runner/backends/torch/algorithms/pnn.
 column per task; column k's hidden layer i (i >= 1) and its output layer add a lateral input
 from the earlier columns' previous-layer activations (concatenated), ``lateral=adapter``:
 U sigma(V (alpha h)) with a learned scalar alpha (initialised U(0, 0.1)), a projection V (with
-bias) onto the column's width and lateral weights U (no bias); ``lateral=linear``: U h. Earlier
+bias) onto the column's width and lateral weights U (no bias); ``lateral=linear``: U h;
+``lateral_from_input`` adds such a map from the input to the first hidden layer and
+``lateral_bias`` a bias per earlier column (A-GEM's PNN). Earlier
 columns are frozen (and compute without dropout) while a task trains, so forgetting is zero;
 the task id picks the column (training: the current task's; evaluation: the evaluated task's,
 or the newest column for a task not trained yet).
 
 Shapes that grow would recompile every task, so all ``num_tasks`` columns are allocated up front
-(drawn from PyTorch's default distributions: U(+-1/sqrt(fan_in)) for weights and biases) and
+(drawn from ``backbone.init``'s distributions, PyTorch's U(+-1/sqrt(fan_in)) by default) and
 the active column is a traced integer in the part's state. The forward pass is a ``lax.switch``
 over the column index whose branch k computes columns 0..k only, so a step costs what it costs
 on PyTorch (k + 1 columns), and the epoch stays one compiled program for every task. After each
@@ -32,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cl_runner.backends.jax.backbones import truncated_normal
 from cl_runner.backends.jax.learner import JaxLearner, Part
 from cl_runner.backends.jax.memory import derived_seed
 from cl_runner.backends.jax.optim import set_lr
@@ -39,6 +42,8 @@ from cl_runner.errors import ConfigError
 from cl_runner.registry import ALGORITHMS
 
 tmap = jax.tree_util.tree_map
+#: backbone.init=truncated_normal (A-GEM's weight_variable / bias_variable, model/model.py:24-60).
+TRUNC_STD, TRUNC_BIAS = 0.1, 0.1
 
 
 def _uniform(rng, fan_in: int, shape):
@@ -46,31 +51,55 @@ def _uniform(rng, fan_in: int, shape):
     return rng.uniform(-bound, bound, shape).astype(np.float32)
 
 
-def _dense(rng, fan_in: int, fan_out: int, bias: bool = True) -> dict:
-    out = {"kernel": _uniform(rng, fan_in, (fan_in, fan_out))}
+def _dense(rng, fan_in: int, fan_out: int, bias: bool = True, init: str = "default") -> dict:
+    """A linear map's kernel (and bias) from ``backbone.init``'s distribution (as PyTorch's
+    ``init_column`` draws them on the other backend)."""
+    if init == "default":
+        out = {"kernel": _uniform(rng, fan_in, (fan_in, fan_out))}
+        if bias:
+            out["bias"] = _uniform(rng, fan_in, (fan_out,))
+        return out
+    if init == "truncated_normal":
+        kernel = truncated_normal(rng, TRUNC_STD, (fan_in, fan_out))
+    elif init == "xavier_uniform":
+        bound = math.sqrt(6.0 / (fan_in + fan_out))
+        kernel = rng.uniform(-bound, bound, (fan_in, fan_out))
+    else:  # kaiming_normal
+        kernel = rng.normal(0.0, math.sqrt(2.0 / fan_in), (fan_in, fan_out))
+    out = {"kernel": kernel.astype(np.float32)}
     if bias:
-        out["bias"] = _uniform(rng, fan_in, (fan_out,))
+        out["bias"] = np.full((fan_out,), TRUNC_BIAS if init == "truncated_normal" else 0.0, np.float32)
     return out
 
 
+def _lateral_params(rng, k: int, fan: int, fan_out: int, width: int, lateral: str, bias: bool, init: str) -> dict:
+    """A lateral map from ``k`` earlier columns of ``fan`` units each."""
+    if lateral == "adapter":
+        p = {"alpha": rng.uniform(0.0, 0.1, ()).astype(np.float32),
+             "project": _dense(rng, k * fan, width, init=init),
+             "out": _dense(rng, width, fan_out, bias=False, init=init)}
+    else:
+        p = {"out": _dense(rng, k * fan, fan_out, bias=False, init=init)}
+    if bias:  # one bias per earlier column, summed
+        p["bias"] = (_uniform(rng, fan, (k, fan_out)) if init == "default" else
+                     np.full((k, fan_out), TRUNC_BIAS if init == "truncated_normal" else 0.0, np.float32))
+    return p
+
+
 def init_columns(input_dim: int, width: int, n_hidden: int, num_outputs: int, num_tasks: int, lateral: str,
-                 seed: int) -> dict:
-    """Every column's parameters, drawn with NumPy: {"col_k": {"layers_i", "out", "lat_i"}}."""
+                 seed: int, from_input: bool = False, lateral_bias: bool = False, init: str = "default") -> dict:
+    """Every column's parameters, drawn with NumPy: {"col_k": {"layers_i", "out", "lat_i", "lat_in"}}."""
     rng = np.random.default_rng([seed, 9137])
     sizes = [input_dim] + [width] * n_hidden
     columns = {}
     for k in range(num_tasks):
-        col = {f"layers_{i}": _dense(rng, a, b) for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))}
-        col["out"] = _dense(rng, sizes[-1], num_outputs)
+        col = {f"layers_{i}": _dense(rng, a, b, init=init) for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))}
+        col["out"] = _dense(rng, sizes[-1], num_outputs, init=init)
         if k > 0:
             for i, b in enumerate([width] * (n_hidden - 1) + [num_outputs]):
-                fan = k * width
-                if lateral == "adapter":
-                    col[f"lat_{i}"] = {"alpha": rng.uniform(0.0, 0.1, ()).astype(np.float32),
-                                       "project": _dense(rng, fan, width),
-                                       "out": _dense(rng, width, b, bias=False)}
-                else:
-                    col[f"lat_{i}"] = {"out": _dense(rng, fan, b, bias=False)}
+                col[f"lat_{i}"] = _lateral_params(rng, k, width, b, width, lateral, lateral_bias, init)
+            if from_input:
+                col["lat_in"] = _lateral_params(rng, k, input_dim, width, width, lateral, lateral_bias, init)
         columns[f"col_{k}"] = col
     return {"columns": columns}
 
@@ -78,7 +107,8 @@ def init_columns(input_dim: int, width: int, n_hidden: int, num_outputs: int, nu
 def _lateral(p: dict, h):
     if "alpha" in p:
         h = jax.nn.relu((p["alpha"] * h) @ p["project"]["kernel"] + p["project"]["bias"])
-    return h @ p["out"]["kernel"]
+    out = h @ p["out"]["kernel"]
+    return out + jnp.sum(p["bias"], axis=0) if "bias" in p else out
 
 
 class ProgressiveNet:
@@ -98,6 +128,8 @@ class ProgressiveNet:
             h, hidden = h0, []
             for i in range(self.n_hidden):
                 z = h @ col[f"layers_{i}"]["kernel"] + col[f"layers_{i}"]["bias"]
+                if i == 0 and "lat_in" in col:
+                    z = z + _lateral(col["lat_in"], jnp.tile(h0, (1, j)))
                 if i > 0 and j > 0:
                     z = z + _lateral(col[f"lat_{i - 1}"], jnp.concatenate(earlier[i - 1], axis=1))
                 h = jax.nn.relu(z)
@@ -150,7 +182,9 @@ class PNN(JaxLearner):
         self.net = ProgressiveNet(int(bb.n_hidden_layers), stream.num_tasks, float(bb.dropout))
         self.params = self.put(init_columns(int(math.prod(stream.input_shape)), int(bb.width),
                                             int(bb.n_hidden_layers), self.num_outputs(), stream.num_tasks,
-                                            str(cfg.algo.lateral), derived_seed(seed, 9137)))
+                                            str(cfg.algo.lateral), derived_seed(seed, 9137),
+                                            bool(cfg.algo.lateral_from_input), bool(cfg.algo.lateral_bias),
+                                            str(getattr(bb, "init", "default"))))
         self._opt_init = jax.jit(self.tx.init)
         self.opt_state = self.put(set_lr(self._opt_init(self.params), float(cfg.optimizer.lr)))
         self.model = self.eval_model = None  # the columns have no single backbone module
